@@ -1,0 +1,16 @@
+"""cnndiff_xr: layer-by-layer differentiation of CNN responses, on labelled Zarr stores and Dask.
+
+Heavy frameworks (TensorFlow/Keras) are imported only when a model is built, so
+``import cnndiff_xr`` stays fast and analysis-only users never load them.
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("cnndiff_xr")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
+
+from . import images  # noqa: E402
+from .store import open_activations, select  # noqa: E402
+from .extract import extract  # noqa: E402

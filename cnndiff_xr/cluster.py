@@ -1,0 +1,111 @@
+"""Dask clusters: the embedded LocalCluster default, connecting to a scheduler, and the per-worker model cache.
+
+The model is built once per worker by :class:`ModelPlugin` (registered with ``client.register_plugin``), lazily on
+the first task that needs it, so a model that cannot be built fails that task with a clear message instead of
+blocking registration. Keras models never travel through Dask's serializer: only the small :class:`ModelSpec` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+
+from distributed import Client, LocalCluster, WorkerPlugin, get_worker
+
+from .models import LayerExtractor, ModelSpec, set_tf_threads
+
+# Set in every worker's environment before TensorFlow starts: one TF thread per Dask worker thread, so that two
+# workers on two cores do not each start a pool as wide as the machine and thrash.
+WORKER_ENV = {
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+
+
+def default_n_workers() -> int:
+    """One single-threaded worker process per core."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def get_client(
+    client: Client | str | None = None,
+    *,
+    n_workers: int | None = None,
+    processes: bool = True,
+    memory_limit: str | int = "auto",
+) -> Iterator[Client]:
+    """Yield a Client: the one given, one connected to a scheduler address, or an embedded LocalCluster.
+
+    Only what this function starts is closed on exit; a Client passed in is left running.
+    """
+    if isinstance(client, Client):
+        yield client
+        return
+    if isinstance(client, str):
+        try:
+            connected = Client(client, timeout="30s")
+        except OSError as err:
+            raise ConnectionError(f"client={client!r}: could not connect to a Dask scheduler there ({err})") from err
+        with connected:
+            yield connected
+        return
+    if client is not None:
+        raise TypeError(f"client must be None, a scheduler address or a distributed.Client, got {type(client)}")
+    if n_workers is not None and (not isinstance(n_workers, int) or n_workers < 1):
+        raise ValueError(f"n_workers must be a positive int, got {n_workers!r}")
+    workers = n_workers or default_n_workers()
+    kwargs = {"env": WORKER_ENV} if processes else {}
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, memory_limit=memory_limit,
+                      dashboard_address=None, silence_logs=logging.ERROR, **kwargs) as cluster:
+        with Client(cluster) as local_client:
+            yield local_client
+
+
+class ModelPlugin(WorkerPlugin):
+    """Holds one :class:`LayerExtractor` per worker, built from a :class:`ModelSpec` on first use."""
+
+    def __init__(self, spec: ModelSpec, layers: Sequence[str]):
+        self.spec = spec
+        self.layers = list(layers)
+        self.name = plugin_name(spec, layers)
+        self._extractor: LayerExtractor | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # the built model and the lock stay in the worker
+        return {"spec": self.spec, "layers": self.layers, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["spec"], state["layers"])
+
+    def setup(self, worker) -> None:
+        for key, value in WORKER_ENV.items():
+            os.environ.setdefault(key, value)
+        set_tf_threads(int(os.environ["TF_NUM_INTRAOP_THREADS"]), int(os.environ["TF_NUM_INTEROP_THREADS"]))
+
+    def extractor(self) -> LayerExtractor:
+        with self._lock:
+            if self._extractor is None:
+                self._extractor = LayerExtractor(self.spec, self.layers)
+            return self._extractor
+
+
+def plugin_name(spec: ModelSpec, layers: Sequence[str]) -> str:
+    import hashlib  # noqa: PLC0415
+
+    return f"cnndiff-model-{spec.key}-{hashlib.sha256(repr(list(layers)).encode()).hexdigest()[:8]}"
+
+
+def worker_extractor(name: str) -> LayerExtractor:
+    """The extractor cached on the current worker by the plugin registered under ``name``."""
+    worker = get_worker()
+    try:
+        plugin = worker.plugins[name]
+    except KeyError as err:
+        raise RuntimeError(f"worker {worker.address} has no model plugin {name!r}; was it registered?") from err
+    return plugin.extractor()

@@ -1,0 +1,311 @@
+"""Extraction: Dask tasks that decode a batch of images, run the model and write whole chunks of every layer.
+
+Order of work (DESIGN.md, "Extraction on Dask"):
+
+1. build the image table and the model description; learn layer shapes; print the exact uncompressed size;
+2. check every image (decoded in the workers) — ``on_error="raise"`` stops here, before anything is written;
+3. create the store layout (metadata and coordinates), or check that an existing store was made with the same
+   settings and images;
+4. submit one task per batch that is not yet complete; each task writes its batch's chunk of every layer, then its
+   predictions, then — last — its completion record, so an interrupted run leaves no chunk marked complete that is
+   not written;
+5. copy the predictions into every layer group (xarray inherits only indexed coordinates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from . import images
+from . import store as _store
+from .cluster import ModelPlugin, get_client, worker_extractor
+from .models import (LayerExtractor, ModelSpec, load_imagenet_class_labels, make_spec, preprocess_name,
+                     weights_digest)
+
+ON_ERROR = ("raise", "skip")
+
+
+class ExtractionError(RuntimeError):
+    """Some batches failed; the others are written and a rerun finishes only what is missing."""
+
+
+@dataclasses.dataclass
+class ExtractionReport:
+    """What a run did: counts and throughput (images per second over the compute phase)."""
+
+    store: str
+    n_images: int
+    n_batches: int
+    batches_already_complete: int
+    batches_computed: int
+    images_computed: int
+    seconds: float
+    skipped: list[dict[str, str]]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_computed / self.seconds if self.seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------- worker-side tasks
+_GROUP_CACHE: dict[str, Any] = {}
+
+
+def _writable_group(url: str, storage_options: Mapping | None):
+    key = json.dumps([url, dict(storage_options or {})], sort_keys=True, default=str)
+    if key not in _GROUP_CACHE:
+        _GROUP_CACHE[key] = _store.open_group(url, "r+", storage_options)
+    return _GROUP_CACHE[key]
+
+
+def _check_images(refs: Sequence[images.ImageRef]) -> list[str | None]:
+    return [images.check_image(ref) for ref in refs]
+
+
+def _extract_batch(
+    plugin: str, url: str, storage_options: Mapping | None, start: int, refs: Sequence[images.ImageRef],
+    resize: str, dtype: str, with_predictions: bool,
+) -> int:
+    """Decode, run and write one batch (a whole chunk of every layer); return the number of images."""
+    extractor = worker_extractor(plugin)
+    rgb = images.load_batch(refs, extractor.input_size, resize)
+    activations, probabilities = extractor.run(rgb)
+    group = _writable_group(url, storage_options)
+    stop = start + len(refs)
+    for name, values in activations.items():
+        group[f"{name}/activation"][start:stop] = values.astype(dtype, copy=False)
+    if with_predictions:
+        group["predicted_class"][start:stop] = probabilities.argmax(axis=1).astype("int32")
+        group["predicted_probability"][start:stop] = probabilities.max(axis=1).astype("float32")
+    group["completed"][start:stop] = True  # last: the completion record follows the data
+    return len(refs)
+
+
+# --------------------------------------------------------------------------------------------- client side
+def _validate(dtype: str, batch_size: int, resize: str, on_error: str, compression: str, level: int) -> None:
+    if dtype not in _store.DTYPES:
+        raise ValueError(f"dtype={dtype!r}; choose one of {_store.DTYPES}")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if resize not in images.RESIZE_POLICIES:
+        raise ValueError(f"resize={resize!r}; choose one of {images.RESIZE_POLICIES}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error={on_error!r}; choose one of {ON_ERROR}")
+    _store.codec(compression, 1)  # validates the name
+    if not isinstance(level, (int, np.integer)) or not 0 <= level <= 22:
+        raise ValueError(f"compression_level must be an int in 0..22, got {level!r}")
+
+
+def size_report(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: str) -> str:
+    """The size preflight: exact uncompressed bytes per layer and in total."""
+    sizes = _store.uncompressed_nbytes(shapes, n_images, dtype)
+    width = max(map(len, sizes)) if sizes else 5
+    lines = [f"store size before compression, {n_images} images, {dtype}:"]
+    lines += [f"  {name:<{width}}  {str(tuple(shapes[name])):<18} {_store.format_bytes(b):>10}"
+              for name, b in sizes.items()]
+    lines.append(f"  {'total':<{width}}  {'':<18} {_store.format_bytes(sum(sizes.values())):>10}")
+    return "\n".join(lines)
+
+
+def _drop(table: images.ImageTable, bad: set[int]) -> images.ImageTable:
+    keep = [i for i in range(len(table)) if i not in bad]
+    return images.ImageTable(ids=[table.ids[i] for i in keep], sets=[table.sets[i] for i in keep],
+                             sources=[table.sources[i] for i in keep], refs=[table.refs[i] for i in keep])
+
+
+def _screen_images(client, table: images.ImageTable, on_error: str, chunk: int = 64):
+    """Decode every image in the workers; raise naming every bad file, or drop them (``on_error="skip"``)."""
+    futures = [client.submit(_check_images, table.refs[i:i + chunk], pure=False)
+               for i in range(0, len(table), chunk)]
+    reasons = [r for batch in client.gather(futures) for r in batch]
+    bad = {i: r for i, r in enumerate(reasons) if r is not None}
+    if not bad:
+        return table, []
+    skipped = [{"image": table.ids[i], "source": table.sources[i], "reason": r} for i, r in bad.items()]
+    if on_error == "raise":
+        listing = "\n".join(f"  {s['source']}: {s['reason']}" for s in skipped)
+        raise images.ImageError(f"{len(bad)} image(s) cannot be read; nothing was written "
+                                f"(pass on_error='skip' to extract the rest):\n{listing}")
+    remaining = _drop(table, set(bad))
+    if len(remaining) == 0:
+        raise images.ImageError("every image was skipped as unreadable; nothing to extract")
+    return remaining, skipped
+
+
+def _finalise_predictions(url: str, layers: Sequence[str], storage_options: Mapping | None) -> None:
+    """Labels from the class ids, and the predictions copied into every layer group (small arrays, one writer)."""
+    group = _store.open_group(url, "r+", storage_options)
+    classes = np.asarray(group["predicted_class"][:])
+    labels = load_imagenet_class_labels()
+    if labels is not None:
+        group["predicted_label"][:] = np.asarray([labels[c] if c >= 0 else "" for c in classes], dtype=object)
+    values = {name: group[name][:] for name in _store.PREDICTION_COORDS}
+    for layer in layers:
+        for name, value in values.items():
+            group[f"{layer}/{name}"][:] = value
+
+
+def extract(
+    sets: Mapping[str, Any],
+    store: str,
+    model: Any = "vgg16",
+    weights: str | None = "imagenet",
+    layers: str | Sequence[str] | None = None,
+    dtype: str = "float32",
+    client: Any = None,
+    *,
+    batch_size: int = 8,
+    resize: str = "nearest",
+    seed: int = 0,
+    preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    on_error: str = "raise",
+    compression: str = "zstd",
+    compression_level: int = 1,
+    n_workers: int | None = None,
+    storage_options: Mapping | None = None,
+    progress: bool = True,
+    return_report: bool = False,
+) -> xr.DataTree | tuple[xr.DataTree, ExtractionReport]:
+    """Run a Keras CNN over image sets and write every chosen layer's activations to a Zarr store, on Dask.
+
+    Parameters
+    ----------
+    sets
+        Set name -> image source: a glob, folder, file or list of paths, a numpy array (N, H, W[, C]), or an
+        :class:`cnndiff_xr.images.ImageSource` (e.g. ``images.white_noise(43)``, ``images.movie_frames(...)``).
+    store
+        Path or fsspec URL of the store. If a store made with the same
+        settings and images exists there, only its missing batches are computed (resume).
+    model, weights, seed, preprocess
+        A keras.applications name with ``weights`` "imagenet", None (random, seeded by ``seed``) or a weights file;
+        or a ``keras.Model`` with ``preprocess``.
+    layers
+        None (every layer except pure reshapes), ``"seed"`` (the seed notebook's 21 VGG16 layers) or a list of names.
+    dtype
+        "float32" (default) or "float16" (half the disk, the analysis accumulates in float64).
+    client
+        None (an embedded LocalCluster, one single-threaded worker process per core), a scheduler address, or a
+        ``distributed.Client``.
+    batch_size
+        Images per task; also the chunk length along ``image`` of every array (kept from the store on resume).
+    resize
+        "nearest" (the seed: stretch to the model's input size, nearest neighbour), "bilinear" or "center_crop".
+    on_error
+        "raise": stop before writing anything, naming every unreadable image; "skip": leave them out and record
+        each one (source and reason) in the store's ``skipped_images`` attribute.
+    compression, compression_level
+        Activation codec ("zstd", "blosc" = blosc/zstd with bit shuffle, "none") and its level.
+
+    Returns
+    -------
+    The lazy :class:`xarray.DataTree` of the store (and an :class:`ExtractionReport` if ``return_report``).
+    """
+    if not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store must be a path or fsspec URL, got {type(store).__name__}")
+    url = os.fspath(store)
+    _validate(dtype, batch_size, resize, on_error, compression, compression_level)
+    table = images.image_table(sets)
+    spec = make_spec(model, weights, seed, preprocess)
+    local = LayerExtractor(spec, layers)
+    shapes, layer_list, input_size = local.shapes, local.layers, local.input_size
+    with_predictions = local.has_imagenet_head
+    attrs = _store.provenance(
+        model=spec.name or spec.label,
+        weights=_weights_label(spec),
+        weights_sha256=weights_digest(local.model),
+        input_size=input_size, resize=resize,
+        preprocessing=preprocess_name(spec.name) if spec.name else _callable_name(spec.preprocess),
+        layers=layer_list, dtype=dtype, batch_size=batch_size, compression=compression,
+        compression_level=compression_level, seed=seed,
+    )
+    filter_labels = None
+    if with_predictions and (labels := load_imagenet_class_labels()) is not None:
+        filter_labels = {layer_list[-1]: labels} if layer_list[-1] == local.model.layers[-1].name else None
+    del local  # the client does not keep a copy of the weights
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say(size_report(shapes, len(table), dtype))
+
+    memory_store = url.startswith("memory://")  # in-memory fsspec stores live in one process: use threads
+    with get_client(client, n_workers=n_workers, processes=not memory_store) as dask_client:
+        table, skipped = _screen_images(dask_client, table, on_error)
+        attrs["skipped_images"] = skipped
+        if _store.exists(url, storage_options):
+            existing = _store.read_attrs(url, storage_options)
+            _store.check_compatible(url, existing, attrs, table, storage_options)
+            batch_size = int(existing["batch_size"])
+        else:
+            tree, encoding = _store.build_layout(table, shapes, attrs, dtype=dtype, batch_size=batch_size,
+                                                with_predictions=with_predictions, filter_labels=filter_labels)
+            _store.create_store(tree, encoding, url, storage_options)
+        report = _run_batches(dask_client, spec, layer_list, url, storage_options, table, batch_size, resize,
+                              dtype, with_predictions, progress, skipped)
+    if with_predictions:
+        _finalise_predictions(url, layer_list, storage_options)
+    say(f"extracted {report.images_computed} images in {report.seconds:.1f} s "
+        f"({report.images_per_second:.2f} images/s); {report.batches_already_complete} of {report.n_batches} "
+        f"batches were already complete; store: {url}")
+    tree = _store.open_activations(url, storage_options)
+    return (tree, report) if return_report else tree
+
+
+def _run_batches(client, spec: ModelSpec, layer_list, url, storage_options, table, batch_size, resize, dtype,
+                 with_predictions, progress, skipped) -> ExtractionReport:
+    from distributed import as_completed  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    done = _store.completed(url, storage_options)
+    starts = list(range(0, len(table), batch_size))
+    missing = [s for s in starts if not done[s:s + batch_size].all()]
+    plugin = ModelPlugin(spec, layer_list)
+    if missing:
+        client.register_plugin(plugin)
+    t0 = time.perf_counter()
+    futures = {
+        client.submit(_extract_batch, plugin.name, url, storage_options, s, table.refs[s:s + batch_size], resize,
+                      dtype, with_predictions, pure=False, key=f"cnndiff-batch-{s}-{plugin.name}"): s
+        for s in missing
+    }
+    failures = []
+    n_computed = 0
+    with tqdm(total=sum(len(table.refs[s:s + batch_size]) for s in missing), unit="img", disable=not progress,
+              desc="extract", file=sys.stderr) as bar:
+        for future in as_completed(futures):
+            if future.status == "error":
+                failures.append((futures[future], future.exception()))
+            else:
+                n_computed += future.result()
+                bar.update(len(table.refs[futures[future]:futures[future] + batch_size]))
+    seconds = time.perf_counter() - t0
+    if failures:
+        first_start, first_error = min(failures, key=lambda f: f[0])
+        raise ExtractionError(
+            f"{len(failures)} of {len(missing)} batches failed (first: images {first_start}.."
+            f"{first_start + batch_size - 1}: {type(first_error).__name__}: {first_error}). The other batches are "
+            f"written; rerun the same extraction to finish the missing ones."
+        ) from first_error
+    return ExtractionReport(store=url, n_images=len(table), n_batches=len(starts),
+                            batches_already_complete=len(starts) - len(missing), batches_computed=len(missing),
+                            images_computed=n_computed, seconds=seconds, skipped=skipped)
+
+
+def _weights_label(spec: ModelSpec) -> str:
+    if spec.model_bytes is not None:
+        return "custom"
+    if spec.weights is None:
+        return f"random(seed={spec.seed})"
+    return spec.weights
+
+
+def _callable_name(fn: Callable | None) -> str:
+    if fn is None:
+        return "none"
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,1150 @@
+"""Image sources, decoding to RGB uint8, resizing, and the image table of a store.
+
+This is the first stage of the flow (images -> model -> store -> analysis). It knows nothing
+about models or stores: it turns what a user names (globs, folders, lists of files, in-memory
+arrays, ``.npy`` movies, white noise) into an ordered table of small, picklable *references*,
+and turns one reference into pixels on whichever Dask worker the reference was shipped to.
+
+Pixels are always ``uint8`` RGB of shape ``(height, width, 3)``; the model's own preprocessing
+(``preprocess_input``) is applied later, in :mod:`cnndiff_xr.models`.
+
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import operator
+import os
+import posixpath
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_EXTENSIONS",
+    "RESIZE_POLICIES",
+    "ImageError",
+    "FileRef",
+    "NpyFrameRef",
+    "ArrayRef",
+    "NoiseRef",
+    "ImageRef",
+    "ImageSource",
+    "files",
+    "from_array",
+    "movie_frames",
+    "white_noise",
+    "as_source",
+    "ImageTable",
+    "image_table",
+    "read_rgb",
+    "resize",
+    "load_batch",
+    "check_image",
+]
+
+#: File name extensions that a folder search picks up (compared case-insensitively).
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+#: Accepted values of the ``policy`` argument of :func:`resize` (``resize=`` elsewhere).
+RESIZE_POLICIES = ("nearest", "bilinear", "center_crop")
+
+
+class ImageError(ValueError):
+    """A bad image or image source.
+
+    The message names the file (or array, frame, source spec) and says what is wrong with it.
+
+    Parameters
+    ----------
+    message : str
+        The full message.
+    source : str, optional
+        What was being read (a path, URL, ``path#frame=i``, ...), when the error is about one image.
+    reason : str, optional
+        Why it could not be read, without the source; :func:`check_image` returns this.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.source = source
+        self.reason = reason if reason is not None else message
+
+    def __reduce__(self):
+        # Exceptions cross process boundaries on Dask; the default pickling would keep only
+        # ``args`` and lose ``source``/``reason``.
+        return (_rebuild_image_error, (str(self), self.source, self.reason))
+
+
+def _rebuild_image_error(message: str, source: str | None, reason: str | None) -> ImageError:
+    return ImageError(message, source=source, reason=reason)
+
+
+def _unreadable(source: str, reason: str) -> ImageError:
+    return ImageError(f"cannot read image {source}: {reason}", source=source, reason=reason)
+
+
+# --------------------------------------------------------------------------------------------
+# References: one small, picklable object per image. Workers receive these, not pixels.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """An image file.
+
+    Parameters
+    ----------
+    path : str
+        An absolute local path, or an fsspec URL (anything containing ``"://"``) that is
+        opened with :func:`fsspec.open`.
+    """
+
+    path: str
+
+
+@dataclass(frozen=True)
+class NpyFrameRef:
+    """One frame of a ``.npy`` movie of shape ``(frames, H, W[, C])``.
+
+    The reader opens the file with ``np.load(mmap_mode="r")`` so that only this frame is read.
+
+    Parameters
+    ----------
+    path : str
+        Absolute path of the ``.npy`` file.
+    frame : int
+        Index along the first axis.
+    value_range : tuple of float, optional
+        The pixel values that map to 0 and 255; ``None`` picks the default for the file's
+        dtype (see :func:`from_array`).
+    """
+
+    path: str
+    frame: int
+    # An addition to (path, frame): without it float movies could only be read as 0..1.
+    value_range: tuple[float, float] | None = None
+
+
+# eq=False: equality and hashing by identity. Comparing pixel arrays element-wise would make
+# ``ref == ref`` an array, and hashing an ndarray is impossible.
+@dataclass(frozen=True, eq=False)
+class ArrayRef:
+    """One in-memory image.
+
+    Parameters
+    ----------
+    pixels : numpy.ndarray
+        ``(H, W)`` or ``(H, W, C)`` with ``C`` in {1, 3, 4}.
+    value_range : tuple of float
+        The values that map to 0 and 255.
+    """
+
+    pixels: np.ndarray
+    value_range: tuple[float, float]
+
+    def __repr__(self) -> str:
+        return f"ArrayRef(shape={self.pixels.shape}, dtype={self.pixels.dtype}, value_range={self.value_range})"
+
+
+@dataclass(frozen=True)
+class NoiseRef:
+    """One white-noise image, generated from ``np.random.default_rng([seed, index])``.
+
+    Parameters
+    ----------
+    seed, index : int
+        Non-negative; together they fix the pixels, whoever generates them and in what order.
+    height, width : int
+        Image size.
+    """
+
+    seed: int
+    index: int
+    height: int
+    width: int
+
+
+ImageRef = FileRef | NpyFrameRef | ArrayRef | NoiseRef
+_REF_TYPES = (FileRef, NpyFrameRef, ArrayRef, NoiseRef)
+
+
+def _describe(ref: ImageRef) -> str:
+    """A human-readable name of a reference, for error messages."""
+    if isinstance(ref, FileRef):
+        return ref.path
+    if isinstance(ref, NpyFrameRef):
+        return f"{ref.path}#frame={ref.frame}"
+    if isinstance(ref, ArrayRef):
+        return f"in-memory array image of shape {getattr(ref.pixels, 'shape', '?')}"
+    if isinstance(ref, NoiseRef):
+        return f"white_noise(seed={ref.seed})[{ref.index}]"
+    return repr(ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+
+class ImageSource:
+    """Base class of image sources: something that lists images in a deterministic order.
+
+    Subclasses implement :meth:`entries`. The factories :func:`files`, :func:`from_array`,
+    :func:`movie_frames` and :func:`white_noise` return instances; :func:`as_source` turns
+    plain Python objects into one.
+    """
+
+    def entries(self) -> list[tuple[str, str, ImageRef]]:
+        """List the images.
+
+        Returns
+        -------
+        list of (str, str, ImageRef)
+            ``(local_id, source_description, ref)`` per image, in a deterministic order.
+            ``local_id`` is unique within the source; :func:`image_table` prefixes it with the
+            set name.
+        """
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+
+class _ListedSource(ImageSource):
+    """A source whose entries were resolved when it was made (so errors surface early)."""
+
+    def __init__(self, description: str, entries: Iterable[tuple[str, str, ImageRef]]):
+        self.description = description
+        self._entries = tuple(entries)
+
+    def entries(self) -> list[tuple[str, str, ImageRef]]:
+        return list(self._entries)  # a copy: callers may not mutate the source
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"<ImageSource {self.description}: {len(self._entries)} images>"
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+
+def _normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...] | None:
+    if extensions is None:
+        return None
+    if isinstance(extensions, str):  # files(spec, ".png") would otherwise iterate characters
+        extensions = (extensions,)
+    out = []
+    for ext in extensions:
+        if not isinstance(ext, str) or not ext.strip("."):
+            raise ValueError(f"extensions must be strings such as '.png', got {ext!r}")
+        out.append(("." + ext.lstrip(".")).lower())
+    if not out:
+        raise ValueError("extensions is empty; pass None to accept every file in a folder")
+    return tuple(out)
+
+
+def _has_extension(name: str, extensions: tuple[str, ...] | None) -> bool:
+    return extensions is None or name.lower().endswith(extensions)
+
+
+def _is_hidden(rel_posix: str) -> bool:
+    # Hidden files (".DS_Store", macOS "._x.jpg" resource forks) and hidden folders are not
+    # images even when their names end in ".jpg"; a folder search skips them.
+    return any(part.startswith(".") for part in rel_posix.split("/") if part not in (".", ".."))
+
+
+def _glob_base(pattern: str, dirname) -> str:
+    """The longest leading part of ``pattern`` without glob magic (its folder)."""
+    head = dirname(pattern)
+    while glob.has_magic(head):
+        head = dirname(head)
+    return head
+
+
+@dataclass
+class _Expanded:
+    """What one spec resolved to: a base folder and the files under it."""
+
+    fs: Any  # None for local paths, else an fsspec filesystem
+    base: str  # local absolute folder, or fsspec path ("" = filesystem root)
+    paths: list[str]  # local absolute paths, or fsspec paths without protocol
+
+
+def _walk_local(folder: str, extensions: tuple[str, ...] | None) -> list[str]:
+    """Files under ``folder`` (recursively) with one of ``extensions``, not hidden."""
+    found = []
+    seen_dirs: set[tuple[int, int]] = set()
+    # followlinks=True because datasets are often assembled from symlinked folders; the
+    # (device, inode) set stops symlink cycles.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            os.path.join(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and _has_extension(name, extensions)
+        ]
+    return found
+
+
+def _expand_local(spec: str, extensions: tuple[str, ...] | None) -> _Expanded:
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        base = os.path.abspath(path)
+        found = _walk_local(base, extensions)
+        if not found:
+            raise ImageError(f"folder {spec!r} holds no files with extensions {extensions} (searched recursively)")
+        return _Expanded(None, base, found)
+    # A literal path is tried before glob magic so that names with "[" or "*" in them work.
+    if os.path.lexists(path):
+        absolute = os.path.abspath(path)
+        return _Expanded(None, os.path.dirname(absolute), [absolute])
+    if glob.has_magic(path):
+        matches = glob.glob(path, recursive=True)
+        if not matches:
+            raise ImageError(f"glob pattern {spec!r} matched nothing")
+        # A folder whose name happens to match (say a folder "x.jpg") is not an image.
+        found = [os.path.abspath(m) for m in matches if not os.path.isdir(m)]
+        if not found:
+            raise ImageError(f"glob pattern {spec!r} matched only folders, no files")
+        base = os.path.abspath(_glob_base(path, os.path.dirname) or ".")
+        return _Expanded(None, base, found)
+    raise ImageError(f"no such file or folder: {spec!r}")
+
+
+def _expand_url(spec: str, extensions: tuple[str, ...] | None) -> _Expanded:
+    import fsspec  # only URL users pay for fsspec's import
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    if fs.isdir(path):
+        base = path.rstrip("/") or path
+        found = []
+        for p in fs.find(path):  # files only, recursive
+            rel = posixpath.relpath(p, base) if base else p.lstrip("/")
+            if not _is_hidden(rel) and _has_extension(posixpath.basename(p), extensions):
+                found.append(p)
+        if not found:
+            raise ImageError(f"folder {spec!r} holds no files with extensions {extensions} (searched recursively)")
+        return _Expanded(fs, base, found)
+    if fs.isfile(path):
+        return _Expanded(fs, posixpath.dirname(path), [path])
+    if glob.has_magic(path):
+        matches = fs.glob(path, detail=True)
+        if not matches:
+            raise ImageError(f"glob pattern {spec!r} matched nothing")
+        found = [p for p, info in matches.items() if info.get("type") != "directory"]
+        if not found:
+            raise ImageError(f"glob pattern {spec!r} matched only folders, no files")
+        return _Expanded(fs, _glob_base(path, posixpath.dirname), found)
+    raise ImageError(f"no such file or folder: {spec!r}")
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    # fsspec filesystems declare one protocol name or several aliases ("s3", "s3a").
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _spec_to_str(item: Any, where: str) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        text = os.fspath(item)
+        if isinstance(text, str) and text:
+            return text
+    raise TypeError(f"{where} must be a non-empty str or os.PathLike, got {type(item).__name__}: {item!r}")
+
+
+def _relative(expanded: _Expanded, base: str, path: str) -> str:
+    if expanded.fs is None:
+        return os.path.relpath(path, base).replace(os.sep, "/")
+    return posixpath.relpath(path, base) if base else path.lstrip("/")
+
+
+def files(
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
+    extensions: Iterable[str] | None = DEFAULT_EXTENSIONS,
+) -> ImageSource:
+    """Image files named by a glob pattern, a folder, a file, a URL, or a list of those.
+
+    Parameters
+    ----------
+    spec : str, os.PathLike, or list/tuple of them
+        - a folder: searched **recursively** for files with one of ``extensions`` (hidden
+          files and folders, whose names start with ".", are skipped);
+        - a glob pattern (``"data/cats/*.jpg"``; ``"**"`` recurses): every *file* it matches,
+          whatever its extension (the pattern is the user's explicit choice); folders it
+          matches are skipped, never taken as images;
+        - a single file: taken as given, whatever its extension;
+        - an fsspec URL (``"memory://..."``, ``"file://..."``, ``"s3://..."``): the same three
+          cases, listed with fsspec; the references keep the URL;
+        - a list or tuple of any of these: each expanded as above (a folder in the list is
+          searched like a folder), in the order given; a file reached twice is kept once.
+    extensions : iterable of str or None, default DEFAULT_EXTENSIONS
+        Extensions a folder search accepts, case-insensitive. ``None`` accepts every file.
+
+    Returns
+    -------
+    ImageSource
+        Entries sorted by path within each spec. ``local_id`` is the path relative to the
+        spec's base folder (a glob's non-magic leading folder, the folder itself, a file's
+        folder; for a list, the common parent of its items' base folders), with "/"
+        separators, so same-named files in different subfolders stay distinct.
+        ``source_description`` is the absolute path (or the URL).
+
+    Raises
+    ------
+    ImageError
+        A missing path, a glob that matches nothing (or only folders), a folder without
+        matching files, an empty list, a ``.npy`` file (use :func:`movie_frames`), or a list
+        mixing local paths and URLs of different protocols. The message names the spec.
+    TypeError
+        ``spec`` (or a list item) is not a str or path.
+    """
+    exts = _normalise_extensions(extensions)
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ImageError("files(): the list of paths is empty")
+        items = [_spec_to_str(item, "each item of the files() list") for item in spec]
+        description = f"files([{', '.join(map(repr, items[:3]))}{', ...' if len(items) > 3 else ''}])"
+    else:
+        items = [_spec_to_str(spec, "files() spec")]
+        description = f"files({items[0]!r})"
+
+    expansions = [_expand_url(s, exts) if "://" in s else _expand_local(s, exts) for s in items]
+
+    # One namespace per call: a common parent of a local path and an S3 key does not exist.
+    namespaces = {None if e.fs is None else _protocols(e.fs) for e in expansions}
+    if len(namespaces) > 1:
+        raise ImageError(
+            f"{description}: mixes local paths and URLs (or several URL protocols); give them as separate image sets"
+        )
+    if len(expansions) == 1:
+        base = expansions[0].base
+    else:
+        bases = [e.base for e in expansions]
+        try:
+            base = (os.path if expansions[0].fs is None else posixpath).commonpath(bases)
+        except ValueError:  # different drives, or absolute mixed with relative keys
+            base = "" if expansions[0].fs is not None else os.path.abspath(os.sep)
+
+    entries = []
+    seen = set()
+    for e in expansions:
+        ordered = sorted(e.paths, key=lambda p: _relative(e, e.base, p))
+        for p in ordered:
+            if p in seen:
+                continue
+            seen.add(p)
+            if p.lower().endswith(".npy"):
+                raise ImageError(
+                    f"{description}: {p} is a .npy array, not an image file; use movie_frames() for .npy movies"
+                )
+            location = p if e.fs is None else e.fs.unstrip_protocol(p)
+            entries.append((_relative(e, base, p), location, FileRef(location)))
+    return _ListedSource(description, entries)
+
+
+# ---- arrays -----------------------------------------------------------------------------------
+
+
+def _default_value_range(dtype: np.dtype) -> tuple[float, float]:
+    if dtype == np.bool_:
+        # (0, 1) rather than (0, 255): True must become white (255), not 1.
+        return (0, 1)
+    if dtype == np.uint16:
+        return (0, 65535)
+    if np.issubdtype(dtype, np.integer):
+        return (0, 255)  # uint8, and other integers that are expected to hold 8-bit values
+    if np.issubdtype(dtype, np.floating):
+        return (0, 1)
+    raise ImageError(f"pixel dtype {dtype} is not supported (use bool, integer or float pixels)")
+
+
+def _check_value_range(value_range: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ImageError(f"value_range must be two numbers (low, high), got {value_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ImageError(f"value_range must be finite with high > low, got {value_range!r}")
+    return (lo, hi)
+
+
+def _check_pixel_values(pixels: np.ndarray, value_range: tuple[float, float], where: str) -> None:
+    """Raise if values fall outside ``value_range``: clipping would hide a wrong range."""
+    lo, hi = value_range
+    if pixels.dtype == np.bool_ or pixels.size == 0:
+        return
+    if pixels.dtype == np.uint8 and lo <= 0 and hi >= 255:
+        return  # cannot be out of range; skip the pass over the data
+    if np.issubdtype(pixels.dtype, np.floating) and np.isnan(pixels).any():
+        raise ImageError(f"{where}: pixels contain NaN")
+    vmin, vmax = pixels.min(), pixels.max()
+    if vmin < lo or vmax > hi:
+        raise ImageError(
+            f"{where}: pixel values span [{vmin}, {vmax}], outside value_range ({lo:g}, {hi:g}); "
+            "pass value_range=(low, high) covering the data"
+        )
+
+
+def _to_uint8(pixels: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Map ``value_range`` linearly onto 0..255 and round."""
+    lo, hi = value_range
+    if pixels.dtype == np.uint8 and (lo, hi) == (0, 255):
+        return pixels
+    scaled = (pixels.astype(np.float64) - lo) / (hi - lo) * 255.0
+    # The clip only guards float round-off at the ends; values outside the range were refused.
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _pixels_to_rgb(pixels: np.ndarray, value_range: tuple[float, float], where: str) -> np.ndarray:
+    """(H, W) or (H, W, C in {1, 3, 4}) pixels of any supported dtype -> (H, W, 3) uint8."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3 and pixels.shape[-1] in (1, 3, 4):
+        pixels = pixels[..., :3]  # drops alpha
+    elif pixels.ndim != 2:
+        raise ImageError(f"{where}: pixels must be (H, W) or (H, W, C) with C in 1, 3, 4; got shape {pixels.shape}")
+    value_range = _check_value_range(value_range)
+    _check_pixel_values(pixels, value_range, where)
+    out = _to_uint8(pixels, value_range)
+    if out.ndim == 2:
+        out = out[..., None]
+    if out.shape[-1] == 1:  # greyscale: the same value in R, G and B
+        out = np.broadcast_to(out, out.shape[:2] + (3,))
+    return np.array(out, dtype=np.uint8, order="C")  # an owned, writeable copy
+
+
+def _check_image_stack(shape: tuple[int, ...], dtype: np.dtype, name: str, where: str) -> None:
+    if len(shape) not in (3, 4):
+        raise ImageError(f"{name}: {where} must be (N, H, W) or (N, H, W, C); got shape {shape}")
+    if len(shape) == 4 and shape[3] not in (1, 3, 4):
+        raise ImageError(f"{name}: {where} has {shape[3]} channels; C must be 1, 3 or 4 (shape {shape})")
+    if min(shape[:3]) == 0:
+        raise ImageError(f"{name}: {where} holds no pixels (shape {shape})")
+    if not (dtype == np.bool_ or np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise ImageError(f"{name}: {where} has dtype {dtype}; use bool, integer or float pixels")
+
+
+def from_array(array: np.ndarray, name: str = "array", value_range: tuple[float, float] | None = None) -> ImageSource:
+    """Images held in a NumPy array.
+
+    Parameters
+    ----------
+    array : array_like
+        ``(N, H, W)`` greyscale or ``(N, H, W, C)`` with ``C`` in {1, 3, 4} (alpha is dropped).
+        A single image needs a leading axis of length 1.
+    name : str, default "array"
+        Names the array in ``source`` descriptions and messages.
+    value_range : (float, float), optional
+        The values that map to 0 and 255 (linearly, rounded). Default by dtype: uint8 (0, 255),
+        uint16 (0, 65535), other integers (0, 255), floats (0, 1), bool (0, 1) so that True is
+        white. Values outside the range raise rather than being clipped.
+
+    Returns
+    -------
+    ImageSource
+        ``local_id`` ``f"{i:06d}"``, source ``f"array:{name}[{i}]"``, refs :class:`ArrayRef`
+        holding views of ``array`` (pickling one sends only that image).
+
+    Raises
+    ------
+    ImageError
+        Bad shape or dtype (naming ``array``), a bad ``value_range``, or values outside it.
+    """
+    array = np.asarray(array)
+    _check_image_stack(array.shape, array.dtype, "from_array", f"array {name!r}")
+    if value_range is None:
+        value_range = _default_value_range(array.dtype)
+    value_range = _check_value_range(value_range)
+    _check_pixel_values(array, value_range, f"from_array: array {name!r}")
+    entries = [(f"{i:06d}", f"array:{name}[{i}]", ArrayRef(array[i], value_range)) for i in range(array.shape[0])]
+    return _ListedSource(f"from_array({name!r})", entries)
+
+
+# ---- movies -----------------------------------------------------------------------------------
+
+
+def _open_npy(path: str) -> np.ndarray:
+    """Memory-map a .npy file (reads only its header until frames are indexed)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise _unreadable(path, "file not found") from None
+    except PermissionError:
+        raise _unreadable(path, "permission denied") from None
+    except IsADirectoryError:
+        raise _unreadable(path, "is a directory, not a .npy file") from None
+    except (OSError, ValueError, EOFError) as exc:  # not .npy, pickled objects, truncated header
+        raise _unreadable(path, f"not a readable .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):  # np.load returns an NpzFile for .npz archives
+        raise _unreadable(path, "not a .npy array (an .npz archive?)")
+    return arr
+
+
+def _operator_index(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}") from None
+
+
+def movie_frames(
+    path: str | os.PathLike,
+    step: int = 1,
+    start: int = 0,
+    stop: int | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> ImageSource:
+    """Every ``step``-th frame of a ``.npy`` movie.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A local ``.npy`` file holding ``(frames, H, W)`` or ``(frames, H, W, C)``.
+    step : int, default 1
+        Take frames ``start, start + step, ...`` (the seed used 30: one per second at 30 Hz).
+    start : int, default 0
+        First frame.
+    stop : int, optional
+        Frames up to but excluding ``stop``; like slicing, a ``stop`` past the end means the
+        end. Default: the end.
+    value_range : (float, float), optional
+        As in :func:`from_array`; default by dtype. Values outside it raise when a frame is read.
+
+    Returns
+    -------
+    ImageSource
+        ``local_id`` ``f"{stem}_frame{idx:06d}"``, source ``f"{abspath}#frame={idx}"``,
+        refs :class:`NpyFrameRef`. Only the file's header is read here.
+
+    Raises
+    ------
+    ImageError
+        A missing or unreadable file, a bad shape or dtype, or a selection with no frames.
+    ValueError, TypeError
+        A bad ``step``, ``start`` or ``stop`` (the message names it).
+    """
+    spec = _spec_to_str(path, "movie_frames() path")
+    step = _operator_index(step, "step")
+    start = _operator_index(start, "start")
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if stop is not None:
+        stop = _operator_index(stop, "stop")
+        if stop < 0:
+            raise ValueError(f"stop must be >= 0 or None, got {stop}")
+    if value_range is not None:
+        value_range = _check_value_range(value_range)
+
+    abspath = os.path.abspath(os.path.expanduser(spec))
+    movie = _open_npy(abspath)
+    shape, dtype = movie.shape, movie.dtype
+    del movie  # only the header was needed; do not keep the mapping open
+    _check_image_stack(shape, dtype, "movie_frames", f"movie {abspath}")
+    if value_range is None:
+        _default_value_range(dtype)  # fail now, not per frame, for unsupported dtypes
+
+    n = shape[0]
+    indices = range(start, n if stop is None else min(stop, n), step)
+    if len(indices) == 0:
+        raise ImageError(f"movie_frames: start={start}, stop={stop} select no frames of {abspath} ({n} frames)")
+    stem = Path(abspath).stem
+    entries = [
+        (f"{stem}_frame{i:06d}", f"{abspath}#frame={i}", NpyFrameRef(abspath, i, value_range)) for i in indices
+    ]
+    return _ListedSource(f"movie_frames({spec!r}, step={step})", entries)
+
+
+# ---- white noise -----------------------------------------------------------------------------
+
+
+def _check_size(size: Any, name: str = "size") -> tuple[int, int]:
+    try:
+        height, width = size
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (height, width), got {size!r}") from None
+    height, width = _operator_index(height, name), _operator_index(width, name)
+    if height < 1 or width < 1:
+        raise ValueError(f"{name} must be positive (height, width), got {size!r}")
+    return height, width
+
+
+def white_noise(n: int, seed: int = 0, size: tuple[int, int] = (224, 224)) -> ImageSource:
+    """Uniform uint8 RGB noise images.
+
+    Parameters
+    ----------
+    n : int
+        Number of images (>= 1).
+    seed : int, default 0
+        Non-negative. Image ``i`` comes from ``np.random.default_rng([seed, i])``, so its
+        pixels do not depend on batching, workers or reading order.
+    size : (int, int), default (224, 224)
+        (height, width).
+
+    Returns
+    -------
+    ImageSource
+        ``local_id`` ``f"noise_{i:06d}"``, source ``f"white_noise(seed={seed})[{i}]"``,
+        refs :class:`NoiseRef`.
+    """
+    n = _operator_index(n, "n")
+    seed = _operator_index(seed, "seed")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+    height, width = _check_size(size)
+    entries = [
+        (f"noise_{i:06d}", f"white_noise(seed={seed})[{i}]", NoiseRef(seed, i, height, width)) for i in range(n)
+    ]
+    return _ListedSource(f"white_noise({n}, seed={seed}, size=({height}, {width}))", entries)
+
+
+def as_source(obj: Any) -> ImageSource:
+    """Turn what a user passes for an image set into an :class:`ImageSource`.
+
+    Parameters
+    ----------
+    obj : str, os.PathLike, list, tuple, numpy.ndarray or ImageSource
+        Paths, globs, folders and URLs (alone or in a list/tuple) go to :func:`files`;
+        arrays to :func:`from_array`; sources are returned unchanged.
+
+    Raises
+    ------
+    TypeError
+        Any other type; the message names it.
+    """
+    if isinstance(obj, ImageSource):
+        return obj
+    if isinstance(obj, (str, os.PathLike, list, tuple)):
+        return files(obj)
+    if isinstance(obj, np.ndarray):
+        return from_array(obj)
+    raise TypeError(
+        f"cannot make an image source from {type(obj).__name__}; pass a path, glob, folder, URL, "
+        "a list of those, a numpy array, or an ImageSource"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The image table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageTable:
+    """The images of a store, in store order.
+
+    Attributes
+    ----------
+    ids : list of str
+        Unique ``f"{set_name}/{local_id}"``.
+    sets : list of str
+        The set of each image.
+    sources : list of str
+        Where each image came from (path, URL, ``path#frame=i``, ``array:name[i]``, ...).
+    refs : list of ImageRef
+        What a worker reads.
+    """
+
+    ids: list[str]
+    sets: list[str]
+    sources: list[str]
+    refs: list[ImageRef]
+
+    def __post_init__(self) -> None:
+        if not len(self.ids) == len(self.sets) == len(self.sources) == len(self.refs):
+            raise ValueError("ImageTable: ids, sets, sources and refs must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_names(self) -> list[str]:
+        """The set names, in order of first appearance."""
+        return list(dict.fromkeys(self.sets))
+
+
+def image_table(sets: Mapping[str, Any]) -> ImageTable:
+    """Build the image table from named image sets.
+
+    Parameters
+    ----------
+    sets : Mapping[str, Any]
+        Set name -> anything :func:`as_source` accepts. Names must be non-empty strings
+        without "/" (ids are ``f"{set}/{local_id}"``). The same images may appear in several
+        sets; they get different ids.
+
+    Returns
+    -------
+    ImageTable
+
+    Raises
+    ------
+    ValueError
+        ``sets`` is empty, or a set name is invalid.
+    ImageError
+        Two images get the same id (a source listing a ``local_id`` twice), or a source fails.
+    TypeError
+        ``sets`` is not a mapping, or a source yields something that is not an image reference.
+    """
+    if not isinstance(sets, Mapping):
+        raise TypeError(f"sets must be a mapping of set name -> images, got {type(sets).__name__}")
+    if not sets:
+        raise ValueError("sets is empty; give at least one image set, e.g. {'cats': 'data/cats/*.jpg'}")
+    ids, set_of, sources, refs = [], [], [], []
+    for set_name, spec in sets.items():
+        if not isinstance(set_name, str) or not set_name or "/" in set_name:
+            raise ValueError(f"set name {set_name!r} is invalid: set names must be non-empty strings without '/'")
+        for local_id, source, ref in as_source(spec).entries():
+            if not isinstance(ref, _REF_TYPES):
+                raise TypeError(f"set {set_name!r}: {type(ref).__name__} is not an image reference ({source})")
+            if not isinstance(local_id, str) or not local_id:
+                raise ValueError(f"set {set_name!r}: local ids must be non-empty strings, got {local_id!r}")
+            ids.append(f"{set_name}/{local_id}")
+            set_of.append(set_name)
+            sources.append(source)
+            refs.append(ref)
+    if len(set(ids)) != len(ids):
+        seen, dups = set(), []
+        for image_id in ids:
+            if image_id in seen and image_id not in dups:
+                dups.append(image_id)
+            seen.add(image_id)
+        raise ImageError(f"duplicate image ids: {dups[:5]}{' ...' if len(dups) > 5 else ''}")
+    return ImageTable(ids, set_of, sources, refs)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: str) -> bytes:
+    """The bytes of a local file or fsspec URL; OS errors become ImageError with a reason."""
+    try:
+        if "://" in path:
+            import fsspec
+
+            with fsspec.open(path, "rb") as fh:
+                return fh.read()
+        # The builtin ``open`` (looked up in this module so tests can simulate failures).
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise _unreadable(path, "file not found") from None
+    except PermissionError:
+        raise _unreadable(path, "permission denied") from None
+    except IsADirectoryError:
+        raise _unreadable(path, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise _unreadable(path, f"cannot be opened ({exc.strerror or exc})") from None
+
+
+def _bomb_reason(detail: str) -> str:
+    return (
+        f"exceeds Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): "
+        f"{detail}; raise that limit if the file is trusted"
+    )
+
+
+class _UnsupportedPixels(Exception):
+    """A decoded image whose pixels cannot be mapped to 8-bit RGB (the reason is the message)."""
+
+
+def _scale_16bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit (and I/F) greyscale -> uint8 by scaling 0..65535 onto 0..255: round(v / 257)."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise _UnsupportedPixels(f"mode {mode!r} image holds NaN or infinite values")
+    vmin, vmax = values.min(), values.max()
+    if vmin < 0 or vmax > 65535:
+        # Any other mapping (min..max, clipping) would depend on the image or lose data.
+        raise _UnsupportedPixels(
+            f"mode {mode!r} values span [{vmin:g}, {vmax:g}], outside the 16-bit range 0..65535 "
+            "that is scaled to 8 bits; convert the file, or load it with numpy and use from_array(value_range=...)"
+        )
+    return np.rint(values / 257.0).astype(np.uint8)
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """A loaded Pillow image of any mode -> (H, W, 3) uint8."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.array(im, dtype=np.uint8)
+    if mode in ("L", "1", "LA", "La"):
+        grey = np.array(im.convert("L") if mode != "L" else im, dtype=np.uint8)
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _scale_16bit(np.asarray(im), mode)
+    elif mode in ("P", "PA"):
+        # Via RGBA: Pillow resolves palette transparency that way (P -> RGB warns about it).
+        return np.array(im.convert("RGBA"), dtype=np.uint8)[..., :3]
+    else:  # RGBA, RGBX, CMYK, YCbCr, ...: Pillow's own conversion; alpha is discarded
+        try:
+            return np.array(im.convert("RGB"), dtype=np.uint8)
+        except ValueError:
+            raise _UnsupportedPixels(f"image mode {mode!r} cannot be converted to RGB") from None
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _decode_file(path: str) -> np.ndarray:
+    data = _read_bytes(path)
+    if not data:
+        raise _unreadable(path, "file is empty (0 bytes)")
+    try:
+        # Pillow warns (DecompressionBombWarning) between MAX_IMAGE_PIXELS and twice that, and
+        # raises above it. Both are refusals here: a warning in a worker log is easily missed.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                # catch_warnings is process-global and not thread-safe, so check the size
+                # directly as well rather than relying on the filter alone.
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and im.width * im.height > limit:
+                    size = f"image is {im.width}x{im.height} = {im.width * im.height} pixels"
+                    raise _unreadable(path, _bomb_reason(size))
+                # First frame of multi-frame GIF/TIFF (what Image.open selects). EXIF
+                # orientation is deliberately not applied: raw pixels, as in the seed.
+                im.load()  # full decode: truncated files fail here
+                return _pil_to_rgb(im)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise _unreadable(path, _bomb_reason(str(exc))) from None
+    except _UnsupportedPixels as exc:
+        raise _unreadable(path, str(exc)) from None
+    except UnidentifiedImageError:
+        raise _unreadable(path, "not a recognised image format (Pillow cannot identify it)") from None
+    except MemoryError:
+        raise  # the machine's problem, not the file's
+    except Exception as exc:  # corrupt data makes decoders raise many types (OSError, SyntaxError, ...)
+        raise _unreadable(path, f"cannot decode: {exc} (the file may be truncated or corrupt)") from None
+
+
+def _read_npy_frame(ref: NpyFrameRef) -> np.ndarray:
+    where = _describe(ref)
+    movie = _open_npy(ref.path)
+    try:
+        _check_image_stack(movie.shape, movie.dtype, "NpyFrameRef", f"movie {ref.path}")
+        frame = _operator_index(ref.frame, "frame")
+        if not 0 <= frame < movie.shape[0]:
+            raise _unreadable(where, f"frame {frame} is out of range: the movie has {movie.shape[0]} frames")
+        pixels = np.array(movie[frame])  # copies this frame only, out of the mapping
+    finally:
+        del movie
+    value_range = ref.value_range if ref.value_range is not None else _default_value_range(pixels.dtype)
+    return _pixels_to_rgb(pixels, value_range, where)
+
+
+def _noise(ref: NoiseRef) -> np.ndarray:
+    height, width = _check_size((ref.height, ref.width), "NoiseRef (height, width)")
+    rng = np.random.default_rng([ref.seed, ref.index])
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def read_rgb(ref: ImageRef) -> np.ndarray:
+    """Decode one image to RGB uint8 at its own size.
+
+    Parameters
+    ----------
+    ref : FileRef, NpyFrameRef, ArrayRef or NoiseRef
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` uint8, an owned writeable array.
+
+    Raises
+    ------
+    ImageError
+        The image cannot be read; the message names it and says why (file not found,
+        permission denied, a directory, empty file, not an image, truncated or corrupt,
+        over Pillow's decompression-bomb limit, pixel values that cannot be mapped to 8 bits).
+    TypeError
+        ``ref`` is not an image reference.
+
+    Notes
+    -----
+    Files are decoded with Pillow, keeping the stored pixels:
+
+    - greyscale (``L``, ``1``) is copied into R, G and B;
+    - alpha (``RGBA``, ``LA``, ``PA``) is **discarded**: the colour channels are kept as
+      stored, not composited onto any background (what ``PIL.Image.convert("RGB")``, used by
+      ``keras.utils.load_img`` in the seed, does);
+    - palette images (``P``) are converted via RGBA, so palette transparency is resolved the
+      same way;
+    - ``CMYK``, ``YCbCr`` etc. use Pillow's conversion to RGB;
+    - 16-bit greyscale (``I;16``, ``I;16B``, ...), and ``I`` and ``F`` images (treated as
+      16-bit), are scaled, not clipped: ``round(v / 257)`` maps 0..65535 onto 0..255. ``I``/``F``
+      values outside 0..65535, NaN or infinities raise, since any other mapping would depend
+      on the image; load such data with numpy and use :func:`from_array` with a ``value_range``;
+    - 16-bit-per-channel RGB(A) PNG/TIFF are reduced to 8 bits by Pillow's own decoder,
+      which keeps the high byte (``v // 256``): also a scaling, at most one level below
+      ``round(v / 257)``;
+    - multi-frame GIF/TIFF: the first frame;
+    - EXIF orientation is **not** applied (raw pixels, like the seed);
+    - truncated files are errors unless the caller has set
+      ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` (a global that is left alone here).
+
+    Arrays and ``.npy`` frames are mapped from their ``value_range`` onto 0..255 (linear,
+    rounded; values outside the range raise), greyscale or one channel is copied into three,
+    and a fourth (alpha) channel is dropped.
+    """
+    if isinstance(ref, FileRef):
+        return _decode_file(ref.path)
+    if isinstance(ref, NpyFrameRef):
+        return _read_npy_frame(ref)
+    if isinstance(ref, ArrayRef):
+        where = _describe(ref)
+        pixels = np.asarray(ref.pixels)
+        good_shape = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 3, 4))
+        if not good_shape or min(pixels.shape[:2], default=0) == 0:
+            raise _unreadable(where, "pixels must be a non-empty (H, W) or (H, W, C) array with C in 1, 3, 4")
+        try:
+            _default_value_range(pixels.dtype)  # rejects object/str/complex dtypes
+        except ImageError as exc:
+            raise _unreadable(where, str(exc)) from None
+        return _pixels_to_rgb(pixels, ref.value_range, where)
+    if isinstance(ref, NoiseRef):
+        return _noise(ref)
+    names = ", ".join(t.__name__ for t in _REF_TYPES)
+    raise TypeError(f"read_rgb needs an image reference ({names}), got {type(ref).__name__}")
+
+
+def check_image(ref: ImageRef) -> str | None:
+    """Fully decode one image to find out whether it is usable.
+
+    Parameters
+    ----------
+    ref : ImageRef
+
+    Returns
+    -------
+    str or None
+        ``None`` if the image decodes, else the reason it does not (without the file name,
+        which the caller has). Never raises for a bad image.
+    """
+    try:
+        read_rgb(ref)
+    except ImageError as exc:
+        return exc.reason
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing and batches
+# --------------------------------------------------------------------------------------------
+
+
+def _check_policy(policy: Any) -> str:
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {policy!r}: resize must be one of {RESIZE_POLICIES}")
+    return policy
+
+
+def _centre_box(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w) of the largest central box with the target aspect ratio."""
+    # Integer arithmetic (rounded half up) so the box does not depend on float round-off.
+    if width * target_h > height * target_w:  # source is wider: crop the sides
+        crop_h = height
+        crop_w = min(width, max(1, (2 * height * target_w + target_h) // (2 * target_h)))
+    else:  # source is taller (or the same aspect): crop top and bottom
+        crop_w = width
+        crop_h = min(height, max(1, (2 * width * target_h + target_w) // (2 * target_w)))
+    # An odd leftover puts the extra row/column at the bottom/right.
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def resize(rgb: np.ndarray, size: tuple[int, int], policy: str = "nearest") -> np.ndarray:
+    """Resize an RGB uint8 image to the model's input size.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8.
+    size : (int, int)
+        Target (height, width).
+    policy : {"nearest", "bilinear", "center_crop"}, default "nearest"
+        - ``"nearest"``: stretch to ``size`` with nearest-neighbour sampling; the aspect
+          ratio is **not** kept. This is what the seed did (``load_img(target_size=...)``)
+          and the package default.
+        - ``"bilinear"``: stretch with Pillow's bilinear filter (which, when shrinking,
+          averages over the whole footprint, i.e. antialiases).
+        - ``"center_crop"``: crop the largest central box with the target aspect ratio,
+          then resize it bilinearly; nothing is distorted, the borders are lost.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(height, width, 3)`` uint8. Deterministic: Pillow's ``Image.resize`` on uint8.
+
+    Raises
+    ------
+    ValueError
+        Unknown policy (the message lists the allowed ones), bad ``size`` or ``rgb``.
+    """
+    policy = _check_policy(policy)
+    height, width = _check_size(size)
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
+        raise ValueError(
+            f"rgb must be an (H, W, 3) uint8 array, got {type(rgb).__name__} "
+            f"{getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}"
+        )
+    if min(rgb.shape[:2]) == 0:
+        raise ValueError(f"rgb holds no pixels (shape {rgb.shape})")
+    if policy == "center_crop":
+        top, left, crop_h, crop_w = _centre_box(rgb.shape[0], rgb.shape[1], height, width)
+        rgb = rgb[top : top + crop_h, left : left + crop_w]
+    if rgb.shape[:2] == (height, width):
+        return np.array(rgb)  # a copy, as Pillow would return
+    resample = Image.Resampling.NEAREST if policy == "nearest" else Image.Resampling.BILINEAR
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+    return np.array(image.resize((width, height), resample), dtype=np.uint8)  # Pillow sizes are (w, h)
+
+
+def load_batch(refs: Sequence[ImageRef], size: tuple[int, int], policy: str = "nearest") -> np.ndarray:
+    """Read and resize a batch of images.
+
+    Parameters
+    ----------
+    refs : sequence of ImageRef
+    size : (int, int)
+        (height, width).
+    policy : str, default "nearest"
+        See :func:`resize`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(refs), height, width, 3)`` uint8.
+
+    Raises
+    ------
+    ImageError
+        An image cannot be read (the first one, named in the message).
+    ValueError
+        Bad ``policy`` or ``size``, checked before anything is read.
+    """
+    policy = _check_policy(policy)
+    height, width = _check_size(size)
+    refs = list(refs)
+    batch = np.empty((len(refs), height, width, 3), dtype=np.uint8)
+    for i, ref in enumerate(refs):
+        batch[i] = resize(read_rgb(ref), (height, width), policy)
+    return batch

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny functional CNN, a real 2-process LocalCluster, and a real store made from them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tiny import TINY_SIZE, build_tiny_model, tiny_preprocess, write_pngs  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def local_client():
+    """A real dask.distributed LocalCluster: 2 worker processes, one thread each."""
+    from distributed import Client, LocalCluster
+
+    from cnndiff_xr.cluster import WORKER_ENV
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      env=WORKER_ENV) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_sets(tmp_path_factory):
+    """Three sets of different kinds: PNG files, an in-memory array, white noise."""
+    import cnndiff_xr as cx
+
+    folder = tmp_path_factory.mktemp("photos")
+    write_pngs(folder, 5)
+    rng = np.random.default_rng(1)
+    return {
+        "photos": str(folder),
+        "array": rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
+        "white_noise": cx.images.white_noise(7, seed=3, size=(TINY_SIZE, TINY_SIZE)),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_model, tiny_sets, local_client):
+    """A real store: the tiny CNN over 18 images in 3 sets, batch 4, written on the 2-process cluster."""
+    import cnndiff_xr as cx
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny.zarr")
+    cx.extract(tiny_sets, store=path, model=tiny_model, preprocess=tiny_preprocess(), client=local_client,
+               batch_size=4, progress=False)
+    return path
