@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -100,6 +102,171 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated integers, e.g. 200,10000") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{option} {text!r}: expected positive integers, e.g. 200,10000")
+    return values
+
+
+def _names(text: str | None) -> list[str] | None:
+    return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _write_dataset(ds, path: str) -> None:
+    if path.endswith(".zarr"):
+        ds.to_zarr(path, mode="w")
+    elif path.endswith((".nc", ".nc4", ".netcdf")):
+        ds.to_netcdf(path)
+    else:
+        raise UsageError(f"--out {path!r}: give a .nc (NetCDF) or .zarr path")
+
+
+def _cmd_differentiation(args) -> int:
+    import xarray as xr  # noqa: PLC0415
+
+    from .cluster import get_client  # noqa: PLC0415
+    from .differentiation import differentiation, normalise_by_reference, resample_summary  # noqa: PLC0415
+    from .store import open_activations  # noqa: PLC0415
+
+    n_units = _int_list(args.n_units, "--n-units")
+    if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
+        raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
+    tree = open_activations(args.store)
+    d = differentiation(tree, n_units=n_units, unit_type=args.unit_type, norm=args.norm, metric=args.metric,
+                        reduction=args.reduction, resamples=args.resamples, seed=args.seed,
+                        layers=_names(args.layers), sets=_names(args.sets))
+    if args.reference is not None:
+        normalise_by_reference(d, reference=args.reference)  # validates the name before any work
+    with get_client(args.scheduler, n_workers=args.workers) as client:
+        d = client.compute(d, sync=True)
+    result = xr.Dataset({"differentiation": d})
+    if args.reference is not None:
+        result["normalised"] = normalise_by_reference(d, reference=args.reference)
+    result.attrs.update({"store": args.store, "weights": tree.attrs.get("weights", ""),
+                         "model": tree.attrs.get("model", ""), "reference": args.reference or ""})
+    mean = resample_summary(d)["mean"] if d.sizes.get("resample", 1) > 1 else d.isel(resample=0, drop=True)
+    for n in mean["n_units"].values:
+        print(f"differentiation, {n} units (mean over {d.sizes['resample']} resamples); rows: layers")
+        print(mean.sel(n_units=n).to_pandas().T.to_string(float_format=lambda v: f"{v:.4f}"))
+        print()
+    if args.out:
+        _write_dataset(result, args.out)
+        csv = args.csv or args.out.rsplit(".", 1)[0] + ".csv"
+        result.to_dataframe().to_csv(csv)
+        print(f"wrote {args.out} and {csv}")
+    return 0
+
+
+def _netcdf_attrs(attrs: dict) -> dict:
+    """NetCDF attributes have no boolean type, and HDF5 cannot store numpy unicode arrays: use ints and str."""
+    def fix(value):
+        if isinstance(value, (bool, np.bool_)):
+            return int(value)
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return [fix(v) for v in value]
+        return str(value) if isinstance(value, np.str_) else value
+    return {k: fix(v) for k, v in attrs.items()}
+
+
+def _cmd_summarize(args) -> int:
+    from .cluster import get_client  # noqa: PLC0415
+    from .store import open_activations  # noqa: PLC0415
+    from .summaries import filter_means  # noqa: PLC0415
+
+    if not args.out.endswith((".nc", ".zarr")):
+        raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
+    fm = filter_means(open_activations(args.store), zscore=args.zscore, layers=_names(args.layers),
+                      sets=_names(args.sets))
+    with get_client(args.scheduler, n_workers=args.workers) as client:
+        fm = client.compute(fm, sync=True)
+    if args.out.endswith(".zarr"):
+        fm.to_zarr(args.out, mode="w")
+    else:
+        for node in fm.subtree:
+            node.attrs = _netcdf_attrs(node.attrs)
+            for var in node.variables.values():
+                var.attrs = _netcdf_attrs(var.attrs)
+        fm.to_netcdf(args.out)
+    print(f"wrote filter means of {len(fm.children)} layers to {args.out}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    import xarray as xr  # noqa: PLC0415
+
+    from . import plot, store  # noqa: PLC0415
+    from .differentiation import stimulus_regression  # noqa: PLC0415
+
+    out = args.out
+    written = []
+    if store.is_store(args.source):
+        import dask  # noqa: PLC0415
+
+        from .distance import rdm  # noqa: PLC0415
+        from .summaries import filter_means  # noqa: PLC0415
+
+        tree = store.open_activations(args.source)
+        note = plot.figure_note(tree.attrs)
+        layers = _names(args.layers) or tree.attrs["layers"]
+        fm, rdms = dask.compute(filter_means(tree, zscore=True, layers=layers),
+                                {layer: rdm(tree, layer=layer, n_units=args.rdm_units, seed=0) for layer in layers})
+        for layer in layers:
+            written += plot.save(plot.filter_mean_heatmap(fm[layer]["filter_mean"], note=note)[0],
+                                 os.path.join(out, "filter_means", layer))
+        last = tree.attrs["layers"][-1]
+        if tree[last]["activation"].dims == ("image", "filter"):
+            written += plot.save(plot.prediction_heatmap(tree[last]["activation"], note=note)[0],
+                                 os.path.join(out, "predictions"))
+        written += plot.save(plot.rdm_panels(rdms, note=note)[0], os.path.join(out, "rdms"))
+    else:
+        if not os.path.exists(args.source):
+            raise UsageError(f"SOURCE {args.source!r} does not exist")
+        try:
+            result = xr.open_zarr(args.source) if args.source.endswith(".zarr") else xr.open_dataset(args.source)
+        except Exception as err:  # noqa: BLE001 - any reader failure means "not a result file"
+            raise UsageError(f"SOURCE {args.source!r} is neither a cnndiff store nor a differentiation result "
+                             f"(.nc/.zarr from 'cnndiff differentiation'): {err}") from None
+        if "differentiation" not in result:
+            raise UsageError(f"SOURCE {args.source!r} has no 'differentiation' variable; make it with "
+                             "'cnndiff differentiation STORE --out FILE'")
+        d = result["differentiation"].load()
+        note = plot.figure_note(result.attrs)
+        written += plot.save(plot.differentiation_by_layer(d, note=note)[0], os.path.join(out, "differentiation"))
+        reference = args.reference or result.attrs.get("reference") or None
+        if reference:
+            if reference not in d["set"].values:
+                raise UsageError(f"--reference {reference!r} is not a set of this result: {list(d['set'].values)}")
+            written += plot.save(plot.normalised_differentiation(d, reference, note=note)[0],
+                                 os.path.join(out, f"differentiation_by_{reference}"))
+        if d.sizes["set"] >= 2 and "input_layer" in d["layer"].values:
+            written += plot.save(plot.r2_by_depth(stimulus_regression(d), note=note)[0],
+                                 os.path.join(out, "stimulus_vs_layer_r2"))
+    for path in written:
+        print(path)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo  # noqa: PLC0415
+
+    weights = {"auto": "auto", "imagenet": "imagenet", "random": "random"}[args.weights]
+    report = run_demo(args.out, n_images=args.n_images, weights=weights, resamples=args.resamples,
+                      n_workers=args.workers, progress=not args.quiet)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
+def _cluster_options(parser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="an existing Dask scheduler address")
+    where.add_argument("--workers", type=_positive_int, default=None, help="local worker processes (default: cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__  # noqa: PLC0415
 
@@ -129,9 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="unreadable images: stop before writing (raise) or skip and record them")
     ext.add_argument("--compression", default="zstd", choices=["zstd", "blosc", "none"])
     ext.add_argument("--level", type=int, default=1, help="compression level")
-    where = ext.add_mutually_exclusive_group()
-    where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="an existing Dask scheduler address")
-    where.add_argument("--workers", type=_positive_int, default=None, help="local worker processes (default: cores)")
+    _cluster_options(ext)
     ext.add_argument("--quiet", action="store_true", help="no size preflight or progress bar")
     ext.set_defaults(func=_cmd_extract)
 
@@ -140,6 +305,59 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("store", help="store path or fsspec URL")
     inf.add_argument("--json", action="store_true", help="print JSON instead of text")
     inf.set_defaults(func=_cmd_info)
+
+    dif = sub.add_parser("differentiation", help="differentiation per layer and set",
+                         description="Median (or mean) pairwise distance per layer and image set, for one or more "
+                         "unit counts and resamples; prints a layer x set table and writes the result.")
+    dif.add_argument("store", help="store path or fsspec URL")
+    dif.add_argument("--n-units", default="200,10000", help="comma-separated unit counts (default 200,10000)")
+    dif.add_argument("--resamples", type=_positive_int, default=10, help="independent unit draws (default 10)")
+    dif.add_argument("--unit-type", default="random", choices=["random", "top", "per_filter", "all"])
+    dif.add_argument("--norm", default="layer", choices=["layer", "image", "none"])
+    dif.add_argument("--metric", default="euclidean", choices=["euclidean", "correlation", "cosine"])
+    dif.add_argument("--reduction", default="median", choices=["median", "mean"])
+    dif.add_argument("--reference", default=None, help="divide by this set's differentiation (e.g. white_noise)")
+    dif.add_argument("--seed", type=int, default=0)
+    dif.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    dif.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
+    dif.add_argument("--out", default=None, help="write the result here (.nc or .zarr) and a .csv beside it")
+    dif.add_argument("--csv", default=None, help="CSV path (default: --out with .csv)")
+    _cluster_options(dif)
+    dif.set_defaults(func=_cmd_differentiation)
+
+    summ = sub.add_parser("summarize", help="filter means per layer",
+                          description="Mean over (y, x) of every filter for every image, per layer.")
+    summ.add_argument("store", help="store path or fsspec URL")
+    summ.add_argument("--out", required=True, help="output .nc or .zarr")
+    summ.add_argument("--zscore", action="store_true", help="on layer-z-scored activations (the seed's heatmaps)")
+    summ.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+    summ.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
+    _cluster_options(summ)
+    summ.set_defaults(func=_cmd_summarize)
+
+    plo = sub.add_parser("plot", help="figures from a store or a differentiation result",
+                         description="From a differentiation result (.nc/.zarr): differentiation by layer, "
+                         "reference-normalised, R2 by depth. From a store: filter-mean heatmaps, the prediction "
+                         "heatmap, RDMs. PNG and SVG.")
+    plo.add_argument("source", help="a differentiation result (.nc/.zarr) or a store")
+    plo.add_argument("--out", required=True, help="output folder")
+    plo.add_argument("--reference", default=None, help="reference set for the normalised figure")
+    plo.add_argument("--layers", default=None, help="store figures: comma-separated layers (default: all)")
+    plo.add_argument("--rdm-units", type=_positive_int, default=10000, help="units per RDM (default 10000)")
+    plo.set_defaults(func=_cmd_plot)
+
+    dem = sub.add_parser("demo", help="the offline end-to-end demo",
+                         description="Builds three image sets from packaged photographs, white noise and one cat "
+                         "photo, extracts VGG16 activations on a local Dask cluster, computes differentiation for "
+                         "200 and 10,000 units and writes figures and a report.")
+    dem.add_argument("--out", default="cnndiff-demo", help="output folder (default cnndiff-demo)")
+    dem.add_argument("--n-images", type=_positive_int, default=12, help="images per set (default 12, at least 3)")
+    dem.add_argument("--weights", default="auto", choices=["auto", "imagenet", "random"],
+                     help="auto (default): ImageNet if cached or downloadable, else random (said loudly)")
+    dem.add_argument("--resamples", type=_positive_int, default=5)
+    dem.add_argument("--workers", type=_positive_int, default=None, help="local worker processes (default: cores)")
+    dem.add_argument("--quiet", action="store_true")
+    dem.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -153,11 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cnndiff {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - a command-line tool reports, it does not dump tracebacks
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"cnndiff {args.command}: error: {message}", file=sys.stderr)
+        print(f"cnndiff {args.command}: error: {type(err).__name__}: {message}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -319,3 +319,16 @@ def set_tf_threads(intra_op: int = 1, inter_op: int = 1) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     except (ImportError, RuntimeError):  # another backend, or TF already initialised: the env vars still apply
         pass
+
+
+def auto_weights(name: str) -> tuple[str | None, str | None]:
+    """``weights="auto"``: ImageNet weights when the Keras cache has them or they can be downloaded, else random.
+
+    Returns ``(weights, warning)``: ``("imagenet", None)``, or ``(None, message)`` saying why random weights are used.
+    """
+    try:
+        make_spec(name, weights="imagenet").build()
+    except WeightsUnavailableError as err:
+        return None, (f"ImageNet weights for {name} are unavailable ({err.__cause__}); using RANDOM weights. The "
+                      "numbers below are those of an untrained network, not the seed's.")
+    return "imagenet", None

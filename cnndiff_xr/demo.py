@@ -1,0 +1,165 @@
+"""``cnndiff demo``: the seed's analysis end to end, offline, with images that installed packages ship.
+
+Three sets, as in the seed: ``random_photos`` (scikit-image's bundled photographs and textures), ``tabby_cats``
+(crops and flips of one cat photograph, scikit-image's "chelsea": a same-category set) and ``white_noise``
+(generated). VGG16 runs on an embedded local Dask cluster into a Zarr store; differentiation for 200 and 10,000 units
+with resamples, the figures and a short text report go into the output folder.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# scikit-image's bundled images that load without a download (checked on scikit-image 0.26)
+PHOTOS = ("astronaut", "coffee", "rocket", "camera", "coins", "moon", "hubble_deep_field", "immunohistochemistry",
+          "retina", "colorwheel", "page", "text", "clock", "brick", "grass", "gravel", "cell", "logo")
+BANNER = "!" * 78
+
+
+def _skimage_data():
+    try:
+        from skimage import data  # noqa: PLC0415
+    except ImportError as err:
+        raise ImportError("the demo builds its image sets from scikit-image's bundled photographs: "
+                          "pip install 'cnndiff_xr[demo]' (or scikit-image)") from err
+    return data
+
+
+def cat_variants(n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` different views of one cat photograph: random crops (50-95 % of each side) and horizontal flips."""
+    cat = _skimage_data().chelsea()
+    rng = np.random.default_rng(seed)
+    h, w = cat.shape[:2]
+    views = []
+    for i in range(n):
+        fh, fw = rng.uniform(0.5, 0.95, size=2)
+        ch, cw = int(h * fh), int(w * fw)
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        view = cat[top:top + ch, left:left + cw]
+        views.append(view[:, ::-1] if i % 2 else view)
+    return views
+
+
+def write_image_sets(folder: Path, n_per_set: int) -> dict[str, str]:
+    """Write the photo and cat sets as PNG files (the demo then reads files, as a user's run would)."""
+    from PIL import Image  # noqa: PLC0415
+
+    data = _skimage_data()
+    if n_per_set > len(PHOTOS):
+        raise ValueError(f"n_images={n_per_set}: the demo has {len(PHOTOS)} bundled photographs per set at most")
+    sets = {"random_photos": [getattr(data, name)() for name in PHOTOS[:n_per_set]],
+            "tabby_cats": cat_variants(n_per_set)}
+    paths = {}
+    for set_name, pictures in sets.items():
+        target = folder / set_name
+        target.mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(pictures):
+            picture = np.asarray(picture)
+            if picture.dtype == bool:
+                picture = picture.astype(np.uint8) * 255
+            Image.fromarray(picture).save(target / f"{set_name}_{i:03d}.png")
+        paths[set_name] = str(target)
+    return paths
+
+
+def run_demo(
+    out: str | Path = "cnndiff-demo",
+    n_images: int = 12,
+    weights: str | None = "auto",
+    n_units: Sequence[int] = (200, 10000),
+    resamples: int = 5,
+    client=None,
+    n_workers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the demo; return the path of its report. See the module docstring."""
+    import cnndiff_xr as cx  # noqa: PLC0415
+    from . import models, plot  # noqa: PLC0415
+    from .differentiation import resample_summary, stimulus_regression  # noqa: PLC0415
+    from .cluster import get_client  # noqa: PLC0415
+
+    if not isinstance(n_images, int) or n_images < 3:
+        raise ValueError(f"n_images must be an int >= 3 (images per set), got {n_images!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    warning = None
+    if weights == "auto":
+        weights, warning = models.auto_weights("vgg16")
+    elif weights == "random":
+        weights, warning = None, "RANDOM weights were requested (--weights random): an untrained network."
+    if warning:
+        say(f"{BANNER}\n{warning}\n{BANNER}")
+    t0 = time.perf_counter()
+    image_folder = out / "images"
+    sets = write_image_sets(image_folder, n_images)
+    sets = {"white_noise": cx.images.white_noise(n_images, seed=0), **sets}
+    store_path = out / "activations.zarr"
+    with get_client(client, n_workers=n_workers) as dask_client:
+        tree, report = cx.extract(sets, store=str(store_path), model="vgg16", weights=weights, layers="seed",
+                                  dtype="float16", client=dask_client, batch_size=4, progress=progress,
+                                  return_report=True)
+        if warning:  # provenance: the store says so too (an attribute outside the identity checks)
+            import zarr  # noqa: PLC0415
+
+            zarr.open_group(str(store_path), mode="r+").attrs["warning"] = warning
+            tree.attrs["warning"] = warning
+        t_extract = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        layers = tree.attrs["layers"]
+        lazy = {
+            "d": cx.differentiation(tree, n_units=list(n_units), resamples=resamples, seed=0),
+            "fm": cx.filter_means(tree, zscore=True),
+            "rdms": {layer: cx.rdm(tree, layer=layer, n_units=10000, seed=0) for layer in layers},
+        }
+        say(f"analysis: {len(layers)} layers, n_units={list(n_units)}, {resamples} resamples, filter means, RDMs")
+        computed = dask_client.compute(lazy, sync=True)
+    d, fm, rdms = computed["d"], computed["fm"], computed["rdms"]
+    t_analysis = time.perf_counter() - t1
+    note = plot.figure_note(tree.attrs)
+
+    results = out / "results"
+    results.mkdir(exist_ok=True)
+    d.to_netcdf(results / "differentiation.nc")
+    d.to_dataframe(name="differentiation").to_csv(results / "differentiation.csv")
+    figures = out / "figures"
+    written = []
+    written += plot.save(plot.differentiation_by_layer(d, note=note)[0], figures / "differentiation")
+    written += plot.save(plot.normalised_differentiation(d, "white_noise", note=note)[0],
+                         figures / "differentiation_by_white_noise")
+    written += plot.save(plot.r2_by_depth(stimulus_regression(d), note=note)[0],
+                         figures / "stimulus_vs_layer_r2")
+    written += plot.save(plot.prediction_heatmap(tree["predictions"]["activation"], note=note)[0],
+                         figures / "predictions")
+    for layer in layers:
+        written += plot.save(plot.filter_mean_heatmap(fm[layer]["filter_mean"], note=note)[0],
+                             figures / "filter_means" / layer, formats=("png",))
+    written += plot.save(plot.rdm_panels(rdms, note=note)[0], figures / "rdms")
+
+    summary = resample_summary(d)["mean"]
+    lines = [
+        "cnndiff_xr demo report",
+        "=" * 22,
+        *( [BANNER, warning, BANNER] if warning else ["weights: ImageNet (Keras cache)"] ),
+        f"store: {store_path} ({report.n_images} images; extraction {t_extract:.1f} s, "
+        f"{report.images_per_second:.2f} images/s)",
+        f"analysis: differentiation for n_units={list(n_units)}, {resamples} resamples; filter means "
+        f"({t_analysis:.1f} s)",
+        "",
+        "differentiation (median pairwise distance per unit, mean over resamples):",
+    ]
+    for n in summary["n_units"].values:
+        table = summary.sel(n_units=n).to_pandas().T  # rows: layers, columns: sets
+        lines += [f"-- {n} units", table.to_string(float_format=lambda v: f"{v:.3f}"), ""]
+    lines += ["files:", f"  {results / 'differentiation.nc'}", f"  {results / 'differentiation.csv'}",
+              *(f"  {p}" for p in written if p.suffix == ".png" and "filter_means" not in p.parts),
+              f"  {figures / 'filter_means'}/<layer>.png ({len(layers)} layers)"]
+    report_path = out / "report.txt"
+    report_path.write_text("\n".join(lines) + "\n")
+    say(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {report_path}; figures: {figures}")
+    return report_path
