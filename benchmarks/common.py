@@ -20,13 +20,20 @@ def machine_info() -> str:
         pass
     import keras
     import numpy
+    import scipy
     import xarray
     import zarr
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas_name = f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # noqa: BLE001 - informational only
+        blas_name = "unknown BLAS"
     return (f"{platform.node()}: {cores} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
-            f"Python {platform.python_version()}, numpy {numpy.__version__}, xarray {xarray.__version__}, "
-            f"zarr {zarr.__version__}, keras {keras.__version__} ({keras.backend.backend()})")
+            f"Python {platform.python_version()}, numpy {numpy.__version__} ({blas_name}), scipy {scipy.__version__}, "
+            f"xarray {xarray.__version__}, zarr {zarr.__version__}, keras {keras.__version__} "
+            f"({keras.backend.backend()})")
 
 
 def natural_image_sets(folder: Path, n_per_set: int) -> dict[str, str]:

@@ -14,3 +14,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 from . import images  # noqa: E402
 from .store import open_activations, select  # noqa: E402
 from .extract import extract  # noqa: E402
+from .differentiation import (  # noqa: E402
+    differentiation,
+    normalise_by_reference,
+    rdm,
+    rdm_regression,
+    resample_summary,
+    stimulus_regression,
+)
+from .summaries import filter_means, layer_means  # noqa: E402
+from .sampling import select_units  # noqa: E402

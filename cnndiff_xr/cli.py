@@ -61,19 +61,36 @@ def _parse_layers(value: str | None):
     return names
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _cmd_extract(args) -> int:
+    from .cluster import check_address  # noqa: PLC0415
     from .extract import extract  # noqa: PLC0415
+    from .store import COMPRESSION_LEVELS  # noqa: PLC0415
 
+    lo, hi = COMPRESSION_LEVELS[args.compression]
+    if not lo <= args.level <= hi:
+        raise UsageError(f"--level {args.level}: with --compression {args.compression} use {lo}..{hi}")
+    if args.scheduler is not None:
+        try:
+            check_address(args.scheduler, "--scheduler")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     weights = {"imagenet": "imagenet", "random": None}.get(args.weights, args.weights)
     if weights not in ("imagenet", None) and not os.path.isfile(weights):
         raise UsageError(f"--weights {args.weights!r}: use 'imagenet', 'random' or the path of a weights file")
@@ -82,7 +99,7 @@ def _cmd_extract(args) -> int:
         sets, store=args.store, model=args.model, weights=weights, layers=_parse_layers(args.layers),
         dtype=args.dtype, client=args.scheduler, batch_size=args.batch_size, resize=args.resize, seed=args.seed,
         on_error=args.on_error, compression=args.compression, compression_level=args.level,
-        n_workers=args.workers, progress=not args.quiet, return_report=True,
+        n_workers=args.workers, progress=not args.quiet, return_report=True, break_lock=args.break_lock,
     )
     print(f"{report.images_computed} images extracted in {report.seconds:.1f} s "
           f"({report.images_per_second:.2f} images/s); store complete: {args.store}")
@@ -291,12 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--batch-size", type=_positive_int, default=8, help="images per task and per chunk")
     ext.add_argument("--resize", default="nearest", choices=["nearest", "bilinear", "center_crop"])
     ext.add_argument("--frame-step", type=_positive_int, default=1, help="take every k-th frame of .npy movies")
-    ext.add_argument("--seed", type=int, default=0, help="seed of random weights (with --weights random)")
+    ext.add_argument("--seed", type=_non_negative_int, default=0,
+                     help="seed of random weights (with --weights random)")
     ext.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                      help="unreadable images: stop before writing (raise) or skip and record them")
     ext.add_argument("--compression", default="zstd", choices=["zstd", "blosc", "none"])
     ext.add_argument("--level", type=int, default=1, help="compression level")
     _cluster_options(ext)
+    ext.add_argument("--break-lock", action="store_true", help="remove the store's writer lock even if its holder "
+                     "may be alive (only when that run is known to be dead)")
     ext.add_argument("--quiet", action="store_true", help="no size preflight or progress bar")
     ext.set_defaults(func=_cmd_extract)
 
@@ -317,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("--metric", default="euclidean", choices=["euclidean", "correlation", "cosine"])
     dif.add_argument("--reduction", default="median", choices=["median", "mean"])
     dif.add_argument("--reference", default=None, help="divide by this set's differentiation (e.g. white_noise)")
-    dif.add_argument("--seed", type=int, default=0)
+    dif.add_argument("--seed", type=_non_negative_int, default=0)
     dif.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     dif.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
     dif.add_argument("--out", default=None, help="write the result here (.nc or .zarr) and a .csv beside it")

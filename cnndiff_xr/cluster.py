@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -25,6 +26,19 @@ WORKER_ENV = {
     "OMP_NUM_THREADS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
 }
+
+
+#: Schemes of Dask scheduler addresses ("tcp://10.0.0.5:8786"); an address without a scheme means tcp.
+ADDRESS_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
+_ADDRESS = re.compile(rf"(?:(?:{'|'.join(ADDRESS_SCHEMES)})://)?[^\s/]+")
+
+
+def check_address(address: str, name: str = "client") -> str:
+    """A scheduler address: ``[scheme://]host[:port]``, no spaces; the message names ``name``."""
+    if not isinstance(address, str) or not _ADDRESS.fullmatch(address.strip()):
+        raise ValueError(f"{name}={address!r} is not a Dask scheduler address; give [scheme://]host:port, e.g. "
+                         f"'tcp://10.0.0.5:8786' (schemes: {', '.join(ADDRESS_SCHEMES)})")
+    return address.strip()
 
 
 def default_n_workers() -> int:
@@ -48,6 +62,7 @@ def get_client(
         yield client
         return
     if isinstance(client, str):
+        client = check_address(client)
         try:
             connected = Client(client, timeout="30s")
         except OSError as err:
@@ -56,13 +71,20 @@ def get_client(
             yield connected
         return
     if client is not None:
-        raise TypeError(f"client must be None, a scheduler address or a distributed.Client, got {type(client)}")
-    if n_workers is not None and (not isinstance(n_workers, int) or n_workers < 1):
-        raise ValueError(f"n_workers must be a positive int, got {n_workers!r}")
+        raise TypeError(f"client must be None, a scheduler address or a distributed.Client, got "
+                        f"{type(client).__name__}: {client!r}")
+    if n_workers is not None and (not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1):
+        raise ValueError(f"n_workers must be a positive int or None (one per core), got {n_workers!r}")
+    if not isinstance(processes, bool):
+        raise TypeError(f"processes must be True (worker processes) or False (threads), got {processes!r}")
+    if not (memory_limit == "auto" or isinstance(memory_limit, str)
+            or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool) and memory_limit >= 0)):
+        raise ValueError(f"memory_limit must be 'auto', a size such as '4GiB', or a number of bytes >= 0 "
+                         f"(0: no limit), got {memory_limit!r}")
     workers = n_workers or default_n_workers()
     kwargs = {"env": WORKER_ENV} if processes else {}
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, memory_limit=memory_limit,
-                      dashboard_address=None, silence_logs=logging.ERROR, **kwargs) as cluster:
+                      dashboard_address=":0", silence_logs=logging.ERROR, **kwargs) as cluster:
         with Client(cluster) as local_client:
             yield local_client
 

@@ -20,7 +20,7 @@ import os
 import posixpath
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "resize",
     "load_batch",
     "check_image",
+    "SPEC_ERRORS",
 ]
 
 #: File name extensions that a folder search picks up (compared case-insensitively).
@@ -89,6 +90,27 @@ def _rebuild_image_error(message: str, source: str | None, reason: str | None) -
 
 def _unreadable(source: str, reason: str) -> ImageError:
     return ImageError(f"cannot read image {source}: {reason}", source=source, reason=reason)
+
+
+def _spec_error(spec: str, reason: str) -> ImageError:
+    """A spec (path, glob, folder, URL) that names no image; ``source`` is the spec as given."""
+    if reason.startswith("glob pattern"):
+        message = f"glob pattern {spec!r}{reason[len('glob pattern'):]}"
+    elif reason.startswith("folder holds"):
+        message = f"folder {spec!r}{reason[len('folder'):]}"
+    else:
+        message = f"{reason}: {spec!r}"
+    return ImageError(message, source=spec, reason=reason)
+
+
+#: Accepted values of the ``errors`` argument of :func:`files` and :func:`image_table`.
+SPEC_ERRORS = ("raise", "collect")
+
+
+def _check_spec_errors(errors: Any) -> str:
+    if errors not in SPEC_ERRORS:
+        raise ValueError(f"errors={errors!r}; choose one of {SPEC_ERRORS}")
+    return errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,13 +239,25 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.entries())
 
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """``(spec, reason)`` for each part of the source that named no image (only ``files(errors="collect")``
+        records any; other sources raise instead)."""
+        return []
+
 
 class _ListedSource(ImageSource):
     """A source whose entries were resolved when it was made (so errors surface early)."""
 
-    def __init__(self, description: str, entries: Iterable[tuple[str, str, ImageRef]]):
+    def __init__(self, description: str, entries: Iterable[tuple[str, str, ImageRef]],
+                 problems: Iterable[tuple[str, str]] = ()):
         self.description = description
         self._entries = tuple(entries)
+        self._problems = tuple(problems)
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return list(self._problems)
 
     def entries(self) -> list[tuple[str, str, ImageRef]]:
         return list(self._entries)  # a copy: callers may not mutate the source
@@ -307,7 +341,7 @@ def _expand_local(spec: str, extensions: tuple[str, ...] | None) -> _Expanded:
         base = os.path.abspath(path)
         found = _walk_local(base, extensions)
         if not found:
-            raise ImageError(f"folder {spec!r} holds no files with extensions {extensions} (searched recursively)")
+            raise _spec_error(spec, f"folder holds no files with extensions {extensions} (searched recursively)")
         return _Expanded(None, base, found)
     # A literal path is tried before glob magic so that names with "[" or "*" in them work.
     if os.path.lexists(path):
@@ -316,14 +350,14 @@ def _expand_local(spec: str, extensions: tuple[str, ...] | None) -> _Expanded:
     if glob.has_magic(path):
         matches = glob.glob(path, recursive=True)
         if not matches:
-            raise ImageError(f"glob pattern {spec!r} matched nothing")
+            raise _spec_error(spec, "glob pattern matched nothing")
         # A folder whose name happens to match (say a folder "x.jpg") is not an image.
         found = [os.path.abspath(m) for m in matches if not os.path.isdir(m)]
         if not found:
-            raise ImageError(f"glob pattern {spec!r} matched only folders, no files")
+            raise _spec_error(spec, "glob pattern matched only folders, no files")
         base = os.path.abspath(_glob_base(path, os.path.dirname) or ".")
         return _Expanded(None, base, found)
-    raise ImageError(f"no such file or folder: {spec!r}")
+    raise _spec_error(spec, "no such file or folder")
 
 
 def _expand_url(spec: str, extensions: tuple[str, ...] | None) -> _Expanded:
@@ -338,19 +372,19 @@ def _expand_url(spec: str, extensions: tuple[str, ...] | None) -> _Expanded:
             if not _is_hidden(rel) and _has_extension(posixpath.basename(p), extensions):
                 found.append(p)
         if not found:
-            raise ImageError(f"folder {spec!r} holds no files with extensions {extensions} (searched recursively)")
+            raise _spec_error(spec, f"folder holds no files with extensions {extensions} (searched recursively)")
         return _Expanded(fs, base, found)
     if fs.isfile(path):
         return _Expanded(fs, posixpath.dirname(path), [path])
     if glob.has_magic(path):
         matches = fs.glob(path, detail=True)
         if not matches:
-            raise ImageError(f"glob pattern {spec!r} matched nothing")
+            raise _spec_error(spec, "glob pattern matched nothing")
         found = [p for p, info in matches.items() if info.get("type") != "directory"]
         if not found:
-            raise ImageError(f"glob pattern {spec!r} matched only folders, no files")
+            raise _spec_error(spec, "glob pattern matched only folders, no files")
         return _Expanded(fs, _glob_base(path, posixpath.dirname), found)
-    raise ImageError(f"no such file or folder: {spec!r}")
+    raise _spec_error(spec, "no such file or folder")
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -375,6 +409,8 @@ def _relative(expanded: _Expanded, base: str, path: str) -> str:
 def files(
     spec: str | os.PathLike | Sequence[str | os.PathLike],
     extensions: Iterable[str] | None = DEFAULT_EXTENSIONS,
+    *,
+    errors: str = "raise",
 ) -> ImageSource:
     """Image files named by a glob pattern, a folder, a file, a URL, or a list of those.
 
@@ -393,6 +429,13 @@ def files(
           searched like a folder), in the order given; a file reached twice is kept once.
     extensions : iterable of str or None, default DEFAULT_EXTENSIONS
         Extensions a folder search accepts, case-insensitive. ``None`` accepts every file.
+    errors : {"raise", "collect"}, default "raise"
+        What to do with a spec (or list item) that names no image — a missing path, a glob
+        that matches nothing or only folders, a folder without matching files: ``"raise"`` an
+        :class:`ImageError` at the first one; ``"collect"`` leave it out and record
+        ``(spec, reason)`` in the source's :attr:`ImageSource.problems` (the source may then
+        hold no images). Used by extraction with ``on_error="skip"`` and to name every bad
+        spec at once with ``on_error="raise"``.
 
     Returns
     -------
@@ -413,6 +456,7 @@ def files(
         ``spec`` (or a list item) is not a str or path.
     """
     exts = _normalise_extensions(extensions)
+    errors = _check_spec_errors(errors)
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise ImageError("files(): the list of paths is empty")
@@ -422,7 +466,16 @@ def files(
         items = [_spec_to_str(spec, "files() spec")]
         description = f"files({items[0]!r})"
 
-    expansions = [_expand_url(s, exts) if "://" in s else _expand_local(s, exts) for s in items]
+    expansions, problems = [], []
+    for item in items:
+        try:
+            expansions.append(_expand_url(item, exts) if "://" in item else _expand_local(item, exts))
+        except ImageError as err:
+            if errors == "raise" or err.source is None:
+                raise
+            problems.append((err.source, err.reason))
+    if not expansions:  # errors="collect" and nothing usable: an empty source that says why
+        return _ListedSource(description, [], problems)
 
     # One namespace per call: a common parent of a local path and an S3 key does not exist.
     namespaces = {None if e.fs is None else _protocols(e.fs) for e in expansions}
@@ -453,7 +506,7 @@ def files(
                 )
             location = p if e.fs is None else e.fs.unstrip_protocol(p)
             entries.append((_relative(e, base, p), location, FileRef(location)))
-    return _ListedSource(description, entries)
+    return _ListedSource(description, entries, problems)
 
 
 # ---- arrays -----------------------------------------------------------------------------------
@@ -762,12 +815,16 @@ class ImageTable:
         Where each image came from (path, URL, ``path#frame=i``, ``array:name[i]``, ...).
     refs : list of ImageRef
         What a worker reads.
+    problems : list of dict
+        Specs that named no image, left out by ``image_table(..., errors="collect")``: one
+        ``{"set": ..., "source": spec, "reason": ...}`` each (JSON-ready). Empty otherwise.
     """
 
     ids: list[str]
     sets: list[str]
     sources: list[str]
     refs: list[ImageRef]
+    problems: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not len(self.ids) == len(self.sets) == len(self.sources) == len(self.refs):
@@ -781,7 +838,7 @@ class ImageTable:
         return list(dict.fromkeys(self.sets))
 
 
-def image_table(sets: Mapping[str, Any]) -> ImageTable:
+def image_table(sets: Mapping[str, Any], *, errors: str = "raise") -> ImageTable:
     """Build the image table from named image sets.
 
     Parameters
@@ -790,6 +847,10 @@ def image_table(sets: Mapping[str, Any]) -> ImageTable:
         Set name -> anything :func:`as_source` accepts. Names must be non-empty strings
         without "/" (ids are ``f"{set}/{local_id}"``). The same images may appear in several
         sets; they get different ids.
+    errors : {"raise", "collect"}, default "raise"
+        Path/glob specs that name no image (missing path, glob matching nothing, empty
+        folder): raise at the first, or leave them out and list them in
+        :attr:`ImageTable.problems` (see :func:`files`). A table may then be empty.
 
     Returns
     -------
@@ -808,11 +869,17 @@ def image_table(sets: Mapping[str, Any]) -> ImageTable:
         raise TypeError(f"sets must be a mapping of set name -> images, got {type(sets).__name__}")
     if not sets:
         raise ValueError("sets is empty; give at least one image set, e.g. {'cats': 'data/cats/*.jpg'}")
-    ids, set_of, sources, refs = [], [], [], []
+    errors = _check_spec_errors(errors)
+    ids, set_of, sources, refs, problems = [], [], [], [], []
     for set_name, spec in sets.items():
         if not isinstance(set_name, str) or not set_name or "/" in set_name:
             raise ValueError(f"set name {set_name!r} is invalid: set names must be non-empty strings without '/'")
-        for local_id, source, ref in as_source(spec).entries():
+        if errors == "collect" and isinstance(spec, (str, os.PathLike, list, tuple)):
+            source_obj = files(spec, errors="collect")
+        else:
+            source_obj = as_source(spec)
+        problems += [{"set": set_name, "source": str(where), "reason": str(why)} for where, why in source_obj.problems]
+        for local_id, source, ref in source_obj.entries():
             if not isinstance(ref, _REF_TYPES):
                 raise TypeError(f"set {set_name!r}: {type(ref).__name__} is not an image reference ({source})")
             if not isinstance(local_id, str) or not local_id:
@@ -828,7 +895,7 @@ def image_table(sets: Mapping[str, Any]) -> ImageTable:
                 dups.append(image_id)
             seen.add(image_id)
         raise ImageError(f"duplicate image ids: {dups[:5]}{' ...' if len(dups) > 5 else ''}")
-    return ImageTable(ids, set_of, sources, refs)
+    return ImageTable(ids, set_of, sources, refs, problems)
 
 
 # --------------------------------------------------------------------------------------------

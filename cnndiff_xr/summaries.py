@@ -1,0 +1,181 @@
+"""Filter means and layer means: per-image summaries of every layer, lazily.
+
+The seed's heatmaps showed, per layer, the mean over ``(y, x)`` of every filter for every
+image, on activations z-scored over the layer: one mean and one SD over each set's
+images x all units of the layer (the seed held each set's activations separately).
+One task per image chunk computes, from a single read, the filter means and each image's
+mean and centred sum of squares; the z-scoring is an affine map of those, so raw and
+z-scored results cost the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from .sampling import Collection, LayerData, _raise_incomplete, as_collection
+
+__all__ = ["filter_means", "layer_means"]
+
+
+def _block_summary(block: np.ndarray, flags: np.ndarray, n_spatial: int) -> np.ndarray:
+    """``(images, filters + 2)``: filter means, then each image's mean and centred sum of squares."""
+    if not np.all(flags):
+        raise ValueError(f"{int(np.size(flags) - np.count_nonzero(flags))} selected images are not completed "
+                         "in the store; finish the extraction first")  # fmt: skip
+    n_filters = block.shape[-1]
+    out = np.empty((block.shape[0], n_filters + 2))
+    for i, image in enumerate(block):  # one image at a time in float64 keeps the copy small
+        x = np.asarray(image, dtype=np.float64)
+        out[i, :n_filters] = x.reshape(-1, n_filters).mean(axis=0)
+        mean = x.mean()
+        out[i, n_filters] = mean
+        out[i, n_filters + 1] = np.sum((x - mean) ** 2)
+    return out
+
+
+def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: str) -> tuple[da.Array, xr.DataArray]:
+    if filter_dim not in layer.feature_dims:
+        raise ValueError(
+            f"layer {layer.name!r} has no filter dimension {filter_dim!r} (feature dims {layer.feature_dims}); "
+            "pass filter_dim="
+        )
+    spatial = [d for d in layer.feature_dims if d != filter_dim]
+    array = layer.array.transpose(coll.sample_dim, *spatial, filter_dim)
+    if rows.size != array.shape[0] or np.any(rows != np.arange(rows.size)):
+        array = array.isel({coll.sample_dim: rows})
+    data = array.data
+    if coll.completed is None:
+        flags: Any = np.ones(rows.size, bool)
+    elif isinstance(coll.completed, np.ndarray):
+        _raise_incomplete(coll.completed[rows], coll.samples[rows])  # refuse now
+        flags = np.ones(rows.size, bool)
+    else:  # a lazy record: checked by the chunk tasks themselves
+        flags = coll.completed[rows]
+    flags = da.asarray(flags).rechunk((data.chunks[0],))
+    n_filters = data.shape[-1]
+    index = "i" + "".join(chr(ord("j") + k) for k in range(len(spatial))) + "f"
+    out = da.blockwise(
+        _block_summary, "if", data, index, flags, "i",
+        n_spatial=len(spatial), dtype=np.float64, concatenate=True, adjust_chunks={"f": n_filters + 2},
+    )  # fmt: skip
+    return out, array[filter_dim] if filter_dim in array.coords else xr.DataArray(np.arange(n_filters), dims=filter_dim)
+
+
+def _set_scale(mean: da.Array, css: da.Array, onehot: np.ndarray, n_units: int) -> tuple[da.Array, da.Array]:
+    """Per-image mean and SD of its set's (images x units) values, pooled without cancellation."""
+    counts = onehot.sum(axis=0)
+    set_mean = (mean[:, None] * onehot).sum(axis=0) / counts
+    image_set_mean = (onehot * set_mean[None, :]).sum(axis=1)
+    between = ((mean - image_set_mean) ** 2)[:, None] * onehot
+    var = ((css[:, None] * onehot).sum(axis=0) + n_units * between.sum(axis=0)) / (counts * n_units)
+    return image_set_mean, (onehot * da.sqrt(var)[None, :]).sum(axis=1)
+
+
+def _zscore(values: da.Array, centre: da.Array, scale: da.Array) -> da.Array:
+    # a set whose values are all equal has SD 0: its z-scores are defined as 0
+    safe = da.where(scale > 0, scale, 1.0)
+    return da.where(scale > 0, (values - centre) / safe, 0.0)
+
+
+def _layer_parts(
+    coll: Collection, layer: LayerData, rows: np.ndarray, zscore: bool, filter_dim: str
+) -> tuple[da.Array, da.Array, xr.DataArray]:
+    out, filters = _summary(coll, layer, rows, filter_dim)
+    n_filters = filters.size
+    fm, mean, css = out[:, :n_filters], out[:, n_filters], out[:, n_filters + 1]
+    if zscore:
+        labels = coll.set_labels[rows]
+        names = list(dict.fromkeys(labels))
+        onehot = (labels[:, None] == np.array(names)[None, :]).astype(np.float64)
+        centre, scale = _set_scale(mean, css, onehot, layer.size)
+        return _zscore(fm, centre[:, None], scale[:, None]), _zscore(mean, centre, scale), filters
+    return fm, mean, filters
+
+
+def _selection(
+    tree: Any, layers: Any, sets: Any, sample_dim: str, set_coord: str
+) -> tuple[Collection, list[str], np.ndarray]:
+    coll = as_collection(tree, sample_dim=sample_dim, set_coord=set_coord)
+    names = coll.layer_names(layers)
+    rows = np.sort(np.concatenate(list(coll.rows(sets).values())))
+    return coll, names, rows
+
+
+def filter_means(
+    tree: Any,
+    zscore: bool = False,
+    *,
+    layers: str | Sequence[str] | None = None,
+    sets: str | Sequence[str] | None = None,
+    sample_dim: str = "image",
+    set_coord: str = "set",
+    filter_dim: str = "filter",
+) -> xr.DataTree:
+    """Per layer, the mean over space of every filter for every image, lazily.
+
+    Parameters
+    ----------
+    tree
+        A store tree (or a DataArray/Dataset with ``sample_dim`` and ``filter_dim``).
+    zscore
+        ``False``: raw activations. ``True``: on activations z-scored with one mean and SD
+        (ddof=0) over each set's images x all units of the layer, as the seed's heatmaps
+        (a set whose values are all equal gets z-scores of 0).
+    layers, sets
+        Subsets (default all).
+
+    Returns
+    -------
+    xarray.DataTree
+        One group per layer with ``filter_mean`` ``(image, filter)`` and ``layer_mean``
+        ``(image,)`` (the image's mean over all units, on the same scale), coordinates
+        ``image``, ``set`` and ``filter``. Dense layers' filter means are the activations.
+        Computing a layer reads each of its chunks once.
+    """
+    coll, names, rows = _selection(tree, layers, sets, sample_dim, set_coord)
+    sample_coords = {sample_dim: coll.samples[rows], set_coord: (sample_dim, coll.set_labels[rows])}
+    nodes: dict[str, xr.Dataset] = {
+        "/": xr.Dataset(attrs={"layers": names, "zscore": bool(zscore), "sets": list(dict.fromkeys(coll.set_labels[rows]))})
+    }
+    for name in names:
+        fm, mean, filters = _layer_parts(coll, coll.layer(name), rows, zscore, filter_dim)
+        nodes[f"/{name}"] = xr.Dataset(
+            {
+                "filter_mean": ((sample_dim, filter_dim), fm),
+                "layer_mean": ((sample_dim,), mean),
+            },
+            coords={**sample_coords, filter_dim: filters.values},
+            attrs={"layer": name, "zscore": bool(zscore)},
+        )
+    return xr.DataTree.from_dict(nodes)
+
+
+def layer_means(
+    tree: Any,
+    zscore: bool = False,
+    *,
+    layers: str | Sequence[str] | None = None,
+    sets: str | Sequence[str] | None = None,
+    sample_dim: str = "image",
+    set_coord: str = "set",
+    filter_dim: str = "filter",
+) -> xr.DataArray:
+    """Mean activation of every image in every layer: lazy ``(layer, image)``.
+
+    Shares its per-chunk tasks with :func:`filter_means` (same arguments, same graph keys),
+    so computing both together reads each chunk once. ``zscore`` as in
+    :func:`filter_means`.
+    """
+    coll, names, rows = _selection(tree, layers, sets, sample_dim, set_coord)
+    means = [_layer_parts(coll, coll.layer(name), rows, zscore, filter_dim)[1] for name in names]
+    return xr.DataArray(
+        da.stack(means),
+        dims=("layer", sample_dim),
+        coords={"layer": names, sample_dim: coll.samples[rows], set_coord: (sample_dim, coll.set_labels[rows])},
+        name="layer_mean",
+        attrs={"zscore": bool(zscore)},
+    )

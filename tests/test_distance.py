@@ -1,0 +1,238 @@
+"""Gram-based distances and RDMs against scipy, invariants, degenerate vectors, laziness."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.spatial.distance import pdist, squareform
+
+from analysis_fixtures import any_tree, synchronous, tree  # noqa: F401  (shared fixtures)
+from analysis_fixtures import (
+    LAYERS,
+    layer_matrix,
+    make_recording,
+    make_tree,
+    raise_if_dask_computes,
+    reference_distances,
+    tree_or_store,
+    unit_indices,
+)
+from cnndiff_xr.distance import METRICS, NORMS, pairwise_distances, rdm
+
+COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
+settings.register_profile("analysis", max_examples=30, deadline=None)
+settings.load_profile("analysis")
+
+
+@pytest.mark.parametrize("norm, metric", COMBOS)
+def test_pairwise_matches_scipy(norm, metric):
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(1.0, 1.0, size=(25, 300)), 0).astype(np.float32)
+    got = squareform(pairwise_distances(x, norm, metric), checks=False)
+    np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm, metric", COMBOS)
+def test_rdm_matches_scipy_on_every_layer(any_tree, norm, metric):
+    layers = [str(n) for n in any_tree.attrs.get("layers", LAYERS)]
+    for layer in layers:
+        result = rdm(any_tree, layer, n_units=40, norm=norm, metric=metric, seed=2, block_size=5)
+        assert result.dims == ("image", "image_other")
+        got = result.values
+        x = layer_matrix(any_tree, layer, None, unit_indices(any_tree, layer, 40, seed=2))
+        expected = squareform(reference_distances(x, norm, metric))
+        rel = np.abs(got - expected) / np.maximum(np.abs(expected), 1e-12)
+        assert rel.max() <= 1e-5, (layer, norm, metric, rel.max())
+
+
+def test_rdm_labels_and_blocks(tree):
+    result = rdm(tree, "block1_pool", n_units=16, sets=["cats", "random"], block_size=4)
+    n = 7 + 12
+    assert result.shape == (n, n)
+    assert result.chunks == ((4, 4, 4, 4, 3), (4, 4, 4, 4, 3))
+    assert set(result["set"].values) == {"cats", "random"}
+    np.testing.assert_array_equal(result["image"].values, result["image_other"].values)
+    assert result.attrs["layer"] == "block1_pool" and result.attrs["n_units_used"] == 16
+    values = result.values
+    np.testing.assert_array_equal(values, values.T)
+    assert np.all(np.diag(values) == 0)
+
+
+def test_rdm_is_lazy(tree):
+    with raise_if_dask_computes():
+        r = rdm(tree, "block1_conv1", n_units=30, norm="image", metric="correlation")
+        r2 = rdm(tree, "block1_conv1", n_units=30, unit_type="top")
+    assert r.chunks and r2.chunks
+
+
+def test_rdm_same_seed_same_numbers(tree):
+    a = rdm(tree, "block1_conv1", n_units=30, seed=7).values
+    b = rdm(tree, "block1_conv1", n_units=30, seed=7).values
+    c = rdm(tree, "block1_conv1", n_units=30, seed=8).values
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_rdm_of_a_recording():
+    rec = make_recording()
+    r = rdm(rec, n_units=20, sample_dim="state", set_coord="condition", sets=["movie"])
+    assert r.dims == ("state", "state_other") and r.shape == (10, 10)
+    x = rec.values.reshape(30, -1)[rec["condition"].values == "movie"]
+    from cnndiff_xr.sampling import draw_units
+
+    units = draw_units((12, 5), 20, seed=0, layer="lfp_power")
+    np.testing.assert_allclose(r.values, squareform(reference_distances(x[:, units], "layer", "euclidean")), rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- invariants
+matrices = st.integers(2, 9).flatmap(
+    lambda n: st.integers(1, 12).flatmap(
+        lambda m: arrays(np.float64, (n, m), elements=st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False))
+    )
+)
+
+
+@given(x=matrices, norm=st.sampled_from(NORMS), metric=st.sampled_from(METRICS))
+def test_distance_invariants(x, norm, metric):
+    d = pairwise_distances(x, norm, metric, constant="zero")
+    assert np.all(np.isfinite(d))
+    assert np.all(np.diag(d) == 0)
+    np.testing.assert_array_equal(d, d.T)
+    assert np.all(d >= 0)
+    if metric != "euclidean":
+        assert np.all(d <= 2 + 1e-12)
+
+
+@given(x=matrices)
+def test_image_norm_is_a_function_of_correlation(x):
+    spread = x.max(axis=1) - x.min(axis=1)
+    x = x[spread > 1e-6 * np.maximum(np.abs(x).max(axis=1), 1)]
+    if x.shape[0] < 2:
+        return
+    euclid = pairwise_distances(x, "image", "euclidean")
+    corr = pairwise_distances(x, "image", "correlation")
+    np.testing.assert_allclose(euclid, np.sqrt(2 * corr), atol=1e-6)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(5, 15), m=st.integers(800, 2000))
+@settings(max_examples=15, deadline=None)
+def test_uncorrelated_zscored_vectors_are_sqrt2_apart(seed, n, m):
+    x = np.random.default_rng(seed).normal(size=(n, m))
+    d = squareform(pairwise_distances(x, "layer", "euclidean"))
+    assert abs(np.median(d) - np.sqrt(2)) < 0.1
+    assert np.all(np.abs(d - np.sqrt(2)) < 0.25)
+
+
+@given(x=matrices, shift=st.floats(-50, 50), scale=st.floats(0.1, 10))
+def test_layer_norm_ignores_affine_rescaling(x, shift, scale):
+    if x.std() < 1e-3:
+        return
+    a = pairwise_distances(x, "layer", "euclidean")
+    b = pairwise_distances(x * scale + shift, "layer", "euclidean")
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@given(data=st.data())
+@settings(max_examples=8, deadline=None)
+def test_lazy_rdm_invariants(data):
+    n = data.draw(st.integers(2, 12))
+    block = data.draw(st.integers(1, 5))
+    x = data.draw(arrays(np.float32, (n, 6), elements=st.floats(0, 5, width=32)))
+    arr = xr.DataArray(x, dims=("image", "unit"))
+    d = rdm(arr, n_units=6, metric="euclidean", norm="none", block_size=block).values
+    assert np.all(np.diag(d) == 0) and np.all(d >= 0)
+    np.testing.assert_array_equal(d, d.T)
+    np.testing.assert_allclose(d, squareform(pdist(x.astype(np.float64))) / np.sqrt(6), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- degenerate vectors
+def _with_constant_rows():
+    x = np.random.default_rng(3).random((6, 5))
+    x[1] = 0.0  # all zero
+    x[4] = 2.5  # constant, non-zero
+    return x
+
+
+@pytest.mark.parametrize("norm, metric", [("image", "euclidean"), ("layer", "correlation"), ("none", "cosine")])
+def test_constant_vectors_raise_by_default(norm, metric):
+    with pytest.raises(ValueError, match="constant|all-zero"):
+        pairwise_distances(_with_constant_rows(), norm, metric)
+
+
+def test_constant_vector_error_names_layer_set_and_image(tree):
+    act = tree["predictions"]["activation"]
+    cats = np.flatnonzero(act["set"].values == "cats")
+    values = act.values.copy()
+    values[cats[2]] = 0.1
+    layer = act.copy(data=values).chunk({"image": 4}).rename("predictions")
+    r = rdm(layer, n_units=10, norm="image", sets=["cats"])  # lazy: raises on compute
+    with pytest.raises(ValueError) as err:
+        r.compute()
+    message = str(err.value)
+    assert "'predictions'" in message and "'cats'" in message and "constant" in message
+    assert str(act["image"].values[cats[2]]) in message
+
+
+def test_constant_zero_policy_values():
+    x = _with_constant_rows()
+    d = pairwise_distances(x, "image", "euclidean", constant="zero")
+    assert d[1, 4] == 0  # two constant vectors: both z-score to zero
+    np.testing.assert_allclose(d[1, [0, 2, 3, 5]], 1.0)  # zero vs a unit-variance pattern
+    c = pairwise_distances(x, "none", "correlation", constant="zero")
+    np.testing.assert_allclose(c[1, [0, 2, 3, 4, 5]], 1.0)
+    cos = pairwise_distances(x, "none", "cosine", constant="zero")
+    np.testing.assert_allclose(cos[1, [0, 2, 3, 4, 5]], 1.0)
+    assert 0 <= cos[4, 0] < 1  # constant but non-zero is fine for raw cosine
+
+
+def test_identical_vectors_under_layer_norm_are_zero_apart():
+    x = np.full((4, 7), 3.0)
+    np.testing.assert_array_equal(pairwise_distances(x, "layer", "euclidean"), 0.0)
+    with pytest.raises(ValueError, match="constant"):
+        pairwise_distances(x, "layer", "cosine")
+
+
+def test_non_finite_activations_raise():
+    x = np.random.default_rng(0).random((4, 6))
+    x[2, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        pairwise_distances(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [({"norm": "zscore"}, "norm"), ({"metric": "manhattan"}, "metric"), ({"constant": "nan"}, "constant"),
+     ({"n_units": 0}, "n_units"), ({"unit_type": "max"}, "unit_type"), ({"sets": ["dogs"]}, "cats")],
+)  # fmt: skip
+def test_rdm_bad_arguments_are_named(tree, kwargs, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        rdm(tree, "block1_conv1", **({"n_units": 10} | kwargs))
+
+
+def test_rdm_needs_two_images():
+    arr = xr.DataArray(np.ones((1, 3)), dims=("image", "unit"))
+    with pytest.raises(ValueError, match="at least 2"):
+        rdm(arr, n_units=3)
+
+
+def test_synchronous_and_threaded_schedulers_agree(tree):
+    r = rdm(tree, "block1_conv1", n_units=50, block_size=6)
+    a = r.compute(scheduler="sync").values
+    with dask.config.set(scheduler="threads", num_workers=2):  # noqa: SIM117
+        b = r.compute().values
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("norm, metric", [c for c in COMBOS if c != ("none", "cosine")])
+def test_rows_far_from_zero_keep_their_precision(norm, metric):
+    # mean/spread ~ 1e7: raw Gram identities would lose every digit; shifted blocks keep them
+    # (raw cosine of such vectors is ill-conditioned by definition, in scipy too)
+    x = 1e4 + 1e-3 * np.random.default_rng(2).normal(size=(12, 200))
+    x[:, :50] += 5e-3 * np.arange(12)[:, None]  # rows with slightly different offsets
+    got = squareform(pairwise_distances(x, norm, metric), checks=False)
+    np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=1e-5)
