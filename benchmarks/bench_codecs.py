@@ -43,7 +43,7 @@ def main() -> None:
 
     numcodecs.blosc.set_nthreads(1)  # per-worker cost: one thread, like a Dask worker
     with tempfile.TemporaryDirectory() as tmp:
-        folders = natural_image_sets(Path(tmp), max(args.images // 2, 1))
+        folders = natural_image_sets(Path(tmp), args.images)
         paths = sorted(p for f in folders.values() for p in Path(f).glob("*.png"))[: args.images]
         extractor = models.LayerExtractor(models.make_spec("vgg16", weights=None), layers=None)
         rgb = images.load_batch([images.FileRef(str(p)) for p in paths], extractor.input_size)

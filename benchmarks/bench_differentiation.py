@@ -58,8 +58,8 @@ def main() -> None:
             store = args.store
             if store is None:
                 store = str(work / "corpus.zarr")
-                folders = natural_image_sets(work / "images", min(args.images // 2, 18))
-                sets = {**folders, "white_noise": cx.images.white_noise(max(args.images - 36, 0) or 4, seed=0)}
+                folders = natural_image_sets(work / "images", args.images)
+                sets = {**folders, "white_noise": cx.images.white_noise(args.images // 2, seed=0)}
                 cx.extract(sets, store=store, model="vgg16", weights=None, dtype="float16", client=client,
                            progress=False)
             tree = cx.open_activations(store)

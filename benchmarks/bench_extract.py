@@ -41,12 +41,13 @@ def bare_forward(image_paths: list, batch_size: int, repeats: int = 1) -> float:
     return len(rgb) / best
 
 
-def extraction(sets: dict, store: str, dtype: str, batch_size: int, client) -> tuple[float, float]:
+def extraction(sets: dict, store: str, dtype: str, batch_size: int, client, compression: str | None):
     import cnndiff_xr as cx
 
+    options = {} if compression is None else {"compression": compression}
     t0 = time.perf_counter()
     _, report = cx.extract(sets, store=store, model="vgg16", weights=None, dtype=dtype, batch_size=batch_size,
-                           client=client, progress=False, return_report=True)
+                           client=client, progress=False, return_report=True, **options)
     return report.images_per_second, time.perf_counter() - t0
 
 
@@ -54,29 +55,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--compressions", default="default",
+                        help="comma-separated codecs to compare on float16 (default: the package default only)")
     args = parser.parse_args()
     print(machine_info())
     work = Path(tempfile.mkdtemp(prefix="cnndiff-bench-extract-"))
     try:
-        folders = natural_image_sets(work / "images", args.images // 2)
+        folders = natural_image_sets(work / "images", args.images)
         paths = sorted(p for f in folders.values() for p in Path(f).glob("*.png"))
         from cnndiff_xr.cluster import get_client
 
         results = {}
         with get_client(None) as client:
             workers = len(client.scheduler_info()["workers"])
-            for dtype in ("float16", "float32"):
-                store = str(work / f"{dtype}.zarr")
-                results[dtype] = extraction(folders, store, dtype, args.batch_size, client)
+            runs = [("float16", None if c == "default" else c) for c in args.compressions.split(",")]
+            runs.append(("float32", None))
+            for dtype, compression in runs:
+                store = str(work / f"{dtype}-{compression}.zarr")
+                label = f"{dtype}, {compression or 'default codec'}"
+                results[label] = extraction(folders, store, dtype, args.batch_size, client, compression)
                 size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
-                results[dtype] += (size,)
+                results[label] += (size,)
                 shutil.rmtree(store)
         bare = bare_forward(paths, args.batch_size)
         print(f"{len(paths)} PNG images, VGG16 (random weights), 224x224, default layers (22), batch "
               f"{args.batch_size}; extraction on {workers} single-threaded worker processes")
         print(f"bare forward pass (in-process, TF on all cores): {bare:.2f} images/s")
-        for dtype, (ips, wall, size) in results.items():
-            print(f"extract {dtype}: {ips:.2f} images/s over the batches ({ips / bare:.2f}x bare), "
+        for label, (ips, wall, size) in results.items():
+            print(f"extract {label}: {ips:.2f} images/s over the batches ({ips / bare:.2f}x bare), "
                   f"{wall:.1f} s end to end incl. cluster start and model builds; {size / 1e6:.0f} MB on disk")
     finally:
         shutil.rmtree(work, ignore_errors=True)

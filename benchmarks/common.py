@@ -36,11 +36,18 @@ def machine_info() -> str:
             f"({keras.backend.backend()})")
 
 
-def natural_image_sets(folder: Path, n_per_set: int) -> dict[str, str]:
-    """Photo and cat sets written as PNG files (the demo's images)."""
-    from cnndiff_xr.demo import write_image_sets
+def natural_image_sets(folder: Path, n_images: int) -> dict[str, str]:
+    """``n_images`` natural photographs as PNG files in two sets, the demo's: scikit-image's bundled photos (up to
+    18) and crops and flips of its cat photograph (the rest)."""
+    from PIL import Image
 
-    return write_image_sets(folder, n_per_set)
+    from cnndiff_xr.demo import PHOTOS, cat_variants, write_image_sets
+
+    n_photos = min(len(PHOTOS), max(n_images // 2, 1))
+    sets = write_image_sets(folder, n_photos)  # n_photos photos and n_photos cats
+    for i, view in enumerate(cat_variants(max(n_images - 2 * n_photos, 0), seed=1)):
+        Image.fromarray(view).save(Path(sets["tabby_cats"]) / f"tabby_cats_more_{i:03d}.png")
+    return sets
 
 
 @contextmanager

@@ -91,6 +91,10 @@ def _cmd_extract(args) -> int:
             check_address(args.scheduler, "--scheduler")
         except ValueError as err:
             raise UsageError(str(err)) from None
+    from .models import APPLICATIONS  # noqa: PLC0415
+
+    if args.model.lower() not in APPLICATIONS:
+        raise UsageError(f"--model {args.model!r}: choose one of {sorted(APPLICATIONS)}")
     weights = {"imagenet": "imagenet", "random": None}.get(args.weights, args.weights)
     if weights not in ("imagenet", None) and not os.path.isfile(weights):
         raise UsageError(f"--weights {args.weights!r}: use 'imagenet', 'random' or the path of a weights file")
@@ -133,6 +137,16 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _check_out(path: str, overwrite: bool) -> None:
+    """Refuse to replace a cnndiff store, and anything else unless --overwrite: nothing computed may be lost."""
+    from .store import is_store  # noqa: PLC0415
+
+    if is_store(path):
+        raise UsageError(f"--out {path!r} is a cnndiff activation store; refusing to overwrite it")
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"--out {path!r} exists; pass --overwrite to replace it")
+
+
 def _write_dataset(ds, path: str) -> None:
     if path.endswith(".zarr"):
         ds.to_zarr(path, mode="w")
@@ -152,6 +166,8 @@ def _cmd_differentiation(args) -> int:
     n_units = _int_list(args.n_units, "--n-units")
     if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
+    if args.out:
+        _check_out(args.out, args.overwrite)
     tree = open_activations(args.store)
     d = differentiation(tree, n_units=n_units, unit_type=args.unit_type, norm=args.norm, metric=args.metric,
                         reduction=args.reduction, resamples=args.resamples, seed=args.seed,
@@ -196,6 +212,7 @@ def _cmd_summarize(args) -> int:
 
     if not args.out.endswith((".nc", ".zarr")):
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
+    _check_out(args.out, args.overwrite)
     fm = filter_means(open_activations(args.store), zscore=args.zscore, layers=_names(args.layers),
                       sets=_names(args.sets))
     with get_client(args.scheduler, n_workers=args.workers) as client:
@@ -268,8 +285,10 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo  # noqa: PLC0415
+    from .demo import PHOTOS, run_demo  # noqa: PLC0415
 
+    if args.n_images > len(PHOTOS):
+        raise UsageError(f"--n-images {args.n_images}: the demo has {len(PHOTOS)} bundled photographs per set at most")
     weights = {"auto": "auto", "imagenet": "imagenet", "random": "random"}[args.weights]
     report = run_demo(args.out, n_images=args.n_images, weights=weights, resamples=args.resamples,
                       n_workers=args.workers, progress=not args.quiet)
@@ -312,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of random weights (with --weights random)")
     ext.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                      help="unreadable images: stop before writing (raise) or skip and record them")
-    ext.add_argument("--compression", default="zstd", choices=["zstd", "blosc", "none"])
+    ext.add_argument("--compression", default="zstd", choices=["zstd", "blosc", "lz4", "none"],
+                     help="zstd; blosc (blosc/zstd, bit shuffle); lz4 (blosc/lz4, bit shuffle); none")
     ext.add_argument("--level", type=int, default=1, help="compression level")
     _cluster_options(ext)
     ext.add_argument("--break-lock", action="store_true", help="remove the store's writer lock even if its holder "
@@ -342,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
     dif.add_argument("--out", default=None, help="write the result here (.nc or .zarr) and a .csv beside it")
     dif.add_argument("--csv", default=None, help="CSV path (default: --out with .csv)")
+    dif.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a store)")
     _cluster_options(dif)
     dif.set_defaults(func=_cmd_differentiation)
 
@@ -350,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("store", help="store path or fsspec URL")
     summ.add_argument("--out", required=True, help="output .nc or .zarr")
     summ.add_argument("--zscore", action="store_true", help="on layer-z-scored activations (the seed's heatmaps)")
+    summ.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a store)")
     summ.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     summ.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
     _cluster_options(summ)
@@ -371,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "photo, extracts VGG16 activations on a local Dask cluster, computes differentiation for "
                          "200 and 10,000 units and writes figures and a report.")
     dem.add_argument("--out", default="cnndiff-demo", help="output folder (default cnndiff-demo)")
-    dem.add_argument("--n-images", type=_positive_int, default=12, help="images per set (default 12, at least 3)")
+    dem.add_argument("--n-images", type=_int_at_least(3), default=12, help="images per set (default 12, 3..18)")
     dem.add_argument("--weights", default="auto", choices=["auto", "imagenet", "random"],
                      help="auto (default): ImageNet if cached or downloadable, else random (said loudly)")
     dem.add_argument("--resamples", type=_positive_int, default=5)

@@ -14,6 +14,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
 from .models import LayerExtractor, ModelSpec, set_tf_threads
@@ -25,6 +26,9 @@ WORKER_ENV = {
     "TF_NUM_INTEROP_THREADS": "1",
     "OMP_NUM_THREADS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # distributed's statistical profiler samples every worker thread's Python stack every 10 ms; on this workload
+    # it cost ~10 % of extraction throughput (benchmarks/RESULTS.md), and a one-task-at-a-time worker gains nothing
+    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
 }
 
 
@@ -90,37 +94,52 @@ def get_client(
 
 
 class ModelPlugin(WorkerPlugin):
-    """Holds one :class:`LayerExtractor` per worker, built from a :class:`ModelSpec` on first use."""
+    """Holds one :class:`LayerExtractor` per worker, built from a :class:`ModelSpec` when the plugin is set up.
 
-    def __init__(self, spec: ModelSpec, layers: Sequence[str]):
+    Building in ``setup`` (which ``client.register_plugin`` waits for) keeps the model load out of the batches'
+    timing and builds on every worker at once; a failure is kept and raised by the first task that needs the model,
+    so it reaches the client with its message instead of only a worker log line.
+    """
+
+    def __init__(self, spec: ModelSpec, layers: Sequence[str], dtype: str = "float32"):
         self.spec = spec
         self.layers = list(layers)
-        self.name = plugin_name(spec, layers)
+        self.dtype = dtype
+        self.name = plugin_name(spec, layers, dtype)
         self._extractor: LayerExtractor | None = None
+        self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self):  # the built model and the lock stay in the worker
-        return {"spec": self.spec, "layers": self.layers, "name": self.name}
+        return {"spec": self.spec, "layers": self.layers, "dtype": self.dtype}
 
     def __setstate__(self, state):
-        self.__init__(state["spec"], state["layers"])
+        self.__init__(state["spec"], state["layers"], state["dtype"])
 
     def setup(self, worker) -> None:
-        for key, value in WORKER_ENV.items():
-            os.environ.setdefault(key, value)
-        set_tf_threads(int(os.environ["TF_NUM_INTRAOP_THREADS"]), int(os.environ["TF_NUM_INTEROP_THREADS"]))
+        # Workers this package starts get one TF thread each (WORKER_ENV); a user's own workers keep their settings
+        if "TF_NUM_INTRAOP_THREADS" in os.environ:
+            set_tf_threads(int(os.environ["TF_NUM_INTRAOP_THREADS"]), int(os.environ.get("TF_NUM_INTEROP_THREADS", 1)))
+        try:
+            extractor = self.extractor()
+            # one tiny batch now: the first call of a Keras model pays for kernel selection and allocator warm-up
+            extractor.run(np.zeros((1, *extractor.input_size, 3), dtype=np.uint8))
+        except Exception as err:  # noqa: BLE001 - re-raised by the first task that asks for the model
+            self._error = err
 
     def extractor(self) -> LayerExtractor:
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if self._extractor is None:
-                self._extractor = LayerExtractor(self.spec, self.layers)
+                self._extractor = LayerExtractor(self.spec, self.layers, self.dtype)
             return self._extractor
 
 
-def plugin_name(spec: ModelSpec, layers: Sequence[str]) -> str:
+def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: str = "float32") -> str:
     import hashlib  # noqa: PLC0415
 
-    return f"cnndiff-model-{spec.key}-{hashlib.sha256(repr(list(layers)).encode()).hexdigest()[:8]}"
+    return f"cnndiff-model-{spec.key}-{hashlib.sha256(repr((list(layers), dtype)).encode()).hexdigest()[:8]}"
 
 
 def worker_extractor(name: str) -> LayerExtractor:

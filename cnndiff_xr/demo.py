@@ -87,6 +87,15 @@ def run_demo(
         raise ValueError(f"n_images must be an int >= 3 (images per set), got {n_images!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # a rerun (perhaps with other options) starts afresh: remove what an earlier demo wrote here, and only that
+    import shutil  # noqa: PLC0415
+
+    for owned in ("images", "activations.zarr", "activations.zarr.lock", "figures", "results", "report.txt"):
+        path = out / owned
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     warning = None
     if weights == "auto":

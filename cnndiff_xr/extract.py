@@ -61,7 +61,8 @@ class ExtractionError(RuntimeError):
 
 @dataclasses.dataclass
 class ExtractionReport:
-    """What a run did: counts and throughput (images per second over the compute phase)."""
+    """What a run did: counts, the time to load the model on the workers, and throughput (images per second over
+    the batches: decode, forward pass, compression and writes)."""
 
     store: str
     n_images: int
@@ -71,6 +72,7 @@ class ExtractionReport:
     images_computed: int
     seconds: float
     skipped: list[dict[str, str]]
+    model_load_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -115,13 +117,18 @@ def _extract_batch(
     _check_same_store(url, storage_options, store_id)
     group = _writable_group(url, storage_options, store_id)
     stop = start + len(refs)
-    for name, values in activations.items():
-        group[f"{name}/activation"][start:stop] = values.astype(dtype, copy=False)  # whole chunks, atomic writes
-    if with_predictions:
-        group["predicted_class"][start:stop] = probabilities.argmax(axis=1).astype("int32")
-        group["predicted_probability"][start:stop] = probabilities.max(axis=1).astype("float32")
-    _check_same_store(url, storage_options, store_id)
-    group["completed"][start:stop] = True  # last: the completion record follows the data
+    # write_empty_chunks: a chunk is a batch of whole images and never all fill value, so skip Zarr's check for it
+    # (a full scan that cost more than writing the uncompressed bytes; benchmarks/RESULTS.md)
+    import zarr  # noqa: PLC0415
+
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        for name, values in activations.items():
+            group[f"{name}/activation"][start:stop] = values.astype(dtype, copy=False)  # whole chunks, atomic writes
+        if with_predictions:
+            group["predicted_class"][start:stop] = probabilities.argmax(axis=1).astype("int32")
+            group["predicted_probability"][start:stop] = probabilities.max(axis=1).astype("float32")
+        _check_same_store(url, storage_options, store_id)
+        group["completed"][start:stop] = True  # last: the completion record follows the data
     return len(refs)
 
 
@@ -376,7 +383,8 @@ def _run_batches(client, spec: ModelSpec, layer_list, url, storage_options, tabl
     done = _store.completed(url, storage_options)
     starts = list(range(0, len(table), batch_size))
     missing = [s for s in starts if not done[s:s + batch_size].all()]
-    plugin = ModelPlugin(spec, layer_list)
+    plugin = ModelPlugin(spec, layer_list, dtype)  # the model is built on every worker while registering
+    t_load = time.perf_counter()
     if missing:
         client.register_plugin(plugin)
     t0 = time.perf_counter()
@@ -404,6 +412,11 @@ def _run_batches(client, spec: ModelSpec, layer_list, url, storage_options, tabl
     seconds = time.perf_counter() - t0
     if failures:
         first_start, first_error = min(failures, key=lambda f: f[0])
+        # Release (not cancel) our futures: with deterministic keys, a retry in this session whose traceback still
+        # holds them would otherwise be handed the same failed futures instead of recomputing
+        for future in futures:
+            future.release()
+        futures.clear()
         raise ExtractionError(
             f"{len(failures)} of {len(missing)} batches failed (first: images {first_start}.."
             f"{first_start + batch_size - 1}: {type(first_error).__name__}: {first_error}). The other batches are "
@@ -411,7 +424,8 @@ def _run_batches(client, spec: ModelSpec, layer_list, url, storage_options, tabl
         ) from first_error
     return ExtractionReport(store=url, n_images=len(table), n_batches=len(starts),
                             batches_already_complete=len(starts) - len(missing), batches_computed=len(missing),
-                            images_computed=n_computed, seconds=seconds, skipped=skipped)
+                            images_computed=n_computed, seconds=seconds, skipped=skipped,
+                            model_load_seconds=t0 - t_load)
 
 
 def _weights_label(spec: ModelSpec) -> str:

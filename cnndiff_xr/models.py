@@ -135,6 +135,10 @@ class ModelSpec:
         digest = hashlib.sha256(repr((self.name, self.weights, self.seed)).encode())
         if self.model_bytes is not None:
             digest.update(self.model_bytes)
+        if self.preprocess is not None:  # two runs of one model with different preprocessing are different plugins
+            import cloudpickle  # noqa: PLC0415
+
+            digest.update(cloudpickle.dumps(self.preprocess))
         return digest.hexdigest()[:16]
 
     def build(self):
@@ -256,14 +260,17 @@ def resolve_layers(model, layers: str | Sequence[str] | None) -> list[str]:
 
 
 class LayerExtractor:
-    """A built model that maps a uint8 RGB batch to the activations of the chosen layers.
+    """A built model that maps a uint8 RGB batch to the activations of the chosen layers, in the store's dtype.
 
     The input layer's activation is the preprocessed batch itself; the other layers come from one call of a
-    multi-output sub-model (``model(x, training=False)``, not ``.predict`` per batch: no per-call setup cost).
+    multi-output sub-model (``model(x, training=False)``, not ``.predict`` per batch: no per-call setup cost). For
+    float16 stores the cast is part of that sub-model: TensorFlow's vectorised cast costs half of numpy's
+    ``astype("float16")`` (measured in benchmarks/RESULTS.md), on ~60 MB per VGG16 image.
     """
 
-    def __init__(self, spec: ModelSpec, layers: str | Sequence[str] | None):
+    def __init__(self, spec: ModelSpec, layers: str | Sequence[str] | None, dtype: str = "float32"):
         self.spec = spec
+        self.dtype = str(np.dtype(dtype))
         self.model = spec.build()
         if len(self.model.inputs) != 1:
             raise ValueError(f"model {self.model.name!r} has {len(self.model.inputs)} inputs; one is supported")
@@ -275,12 +282,13 @@ class LayerExtractor:
             for i, layer in enumerate(self.model.layers)
         }
         self._computed = [n for n in self.layers if n != INPUT_LAYER]
-        last = self.model.layers[-1]
         self.has_imagenet_head = tuple(self.model.output.shape[1:]) == (1000,) and spec.name is not None
         outputs = [by_store_name[n].output for n in self._computed]
-        if self.has_imagenet_head and last.name not in self._computed:
-            outputs.append(self.model.output)  # predictions are recorded even when that layer is not stored
-        self._submodel = keras.Model(self.model.input, outputs)
+        if self.dtype != "float32":
+            outputs = [keras.ops.cast(o, self.dtype) for o in outputs]
+        if self.has_imagenet_head:
+            outputs.append(self.model.output)  # float32 probabilities, recorded even when that layer is not stored
+        self._submodel = keras.Model(self.model.input, outputs) if outputs else None
         self.shapes = {n: tuple(int(d) for d in by_store_name[n].output.shape[1:]) for n in self.layers}
         height, width = self.model.input.shape[1:3]
         if height is None or width is None:
@@ -292,19 +300,18 @@ class LayerExtractor:
         return np.asarray(self._preprocess(rgb.astype("float32")), dtype="float32")
 
     def run(self, rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Activations per store layer name, float32, and the model's output probabilities (or None)."""
+        """Activations per store layer name (in this extractor's dtype) and the model's output probabilities
+        (float32, or None without an ImageNet head)."""
         keras = _keras()
         x = self.preprocess(rgb)
-        outs = self._submodel(x, training=False) if self._computed or self.has_imagenet_head else []
+        outs = self._submodel(x, training=False) if self._submodel is not None else []
         if not isinstance(outs, (list, tuple)):
             outs = [outs]
-        outs = [np.asarray(keras.ops.convert_to_numpy(o), dtype="float32") for o in outs]
+        outs = [np.asarray(keras.ops.convert_to_numpy(o)) for o in outs]
+        probabilities = outs.pop() if self.has_imagenet_head else None
         acts = dict(zip(self._computed, outs))
         if INPUT_LAYER in self.layers:
-            acts[INPUT_LAYER] = x
-        probabilities = None
-        if self.has_imagenet_head:
-            probabilities = acts.get(self.model.layers[-1].name, outs[-1] if outs else None)
+            acts[INPUT_LAYER] = x.astype(self.dtype, copy=False)
         return {n: acts[n] for n in self.layers}, probabilities
 
 

@@ -52,7 +52,7 @@ from .images import ImageTable
 FORMAT = "cnndiff_xr/1"
 IMAGE_COORDS = ("set", "source")
 PREDICTION_COORDS = ("predicted_class", "predicted_label", "predicted_probability")
-COMPRESSIONS = ("zstd", "blosc", "none")
+COMPRESSIONS = ("zstd", "blosc", "lz4", "none")
 DTYPES = ("float32", "float16")
 # Attributes that must agree before a run may add to an existing store: they change the numbers.
 IDENTITY_ATTRS = ("model", "weights", "weights_sha256", "input_size", "resize", "preprocessing", "layers", "dtype")
@@ -70,13 +70,14 @@ class StoreLockedError(StoreError):
 
 
 def check_url(url: Any, name: str = "store") -> str:
-    """``url`` as a non-empty str (paths and fsspec URLs; os.PathLike accepted)."""
+    """``url`` as a non-empty str (paths and fsspec URLs; os.PathLike accepted). A local path is made absolute: Dask
+    workers resolve paths in their own working directory, which need not be the caller's."""
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
     if not isinstance(url, str) or not url.strip():
         raise TypeError(f"{name} must be a non-empty path or fsspec URL (str or os.PathLike), got "
                         f"{type(url).__name__}: {url!r}")
-    return url
+    return url if "://" in url else os.path.abspath(url)
 
 
 def check_storage_options(storage_options: Any) -> dict[str, Any] | None:
@@ -108,7 +109,7 @@ def _quiet_zarr():
 
 
 #: Allowed ``compression_level`` per codec (inclusive): zstd 0 (its default) to 22, blosc 0..9; ignored for "none".
-COMPRESSION_LEVELS = {"zstd": (0, 22), "blosc": (0, 9), "none": (0, 22)}
+COMPRESSION_LEVELS = {"zstd": (0, 22), "blosc": (0, 9), "lz4": (0, 9), "none": (0, 22)}
 
 
 def check_compression(compression: Any, level: Any) -> tuple[str, int]:
@@ -131,6 +132,8 @@ def codec(compression: str = "zstd", level: int = 1):
         return ZstdCodec(level=level)
     if compression == "blosc":
         return BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle")
+    if compression == "lz4":
+        return BloscCodec(cname="lz4", clevel=level, shuffle="bitshuffle")
     if compression == "none":
         return None
     raise ValueError(f"compression={compression!r}; choose one of {COMPRESSIONS}")

@@ -12,6 +12,8 @@ import pytest
 import xarray as xr
 from PIL import Image
 
+import cnndiff_xr as cx
+
 from tiny import write_pngs
 
 CNNDIFF = str(Path(sys.executable).with_name("cnndiff"))
@@ -45,8 +47,6 @@ def cli_store(tmp_path_factory):
 
 def test_extract_and_info(cli_store):
     _, store = cli_store
-    import cnndiff_xr as cx
-
     tree = cx.open_activations(store)
     assert tree.attrs["layers"] == LAYERS.split(",")
     assert tree.attrs["weights"] == "random(seed=0)"
@@ -107,6 +107,9 @@ def test_differentiation_plot_and_summarize(cli_store):
         (["summarize", "STORE", "--out", "fm.txt"], "--out"),
         (["plot", "/no/such/file.nc", "--out", "figs"], "/no/such/file.nc"),
         (["demo", "--n-images", "-1"], "--n-images"),
+        (["demo", "--n-images", "19"], "--n-images 19"),
+        (["differentiation", "STORE", "--out", "STORE"], "refusing to overwrite"),
+        (["summarize", "STORE", "--out", "STORE"], "refusing to overwrite"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -115,6 +118,7 @@ def test_bad_arguments_exit_non_zero_and_name_the_argument(cli_store, args, frag
     args = [store if a == "STORE" else a for a in args]
     proc = run(*args, check=False)
     assert proc.returncode != 0
+    assert cx.open_activations(store).cnndiff.complete  # a refused command never harms the store
     assert fragment in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
