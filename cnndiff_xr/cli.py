@@ -331,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of random weights (with --weights random)")
     ext.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                      help="unreadable images: stop before writing (raise) or skip and record them")
-    ext.add_argument("--compression", default="zstd", choices=["zstd", "blosc", "lz4", "none"],
-                     help="zstd; blosc (blosc/zstd, bit shuffle); lz4 (blosc/lz4, bit shuffle); none")
+    ext.add_argument("--compression", default="lz4", choices=["zstd", "blosc", "lz4", "none"],
+                     help="lz4 (default: blosc/lz4 with bit shuffle, the fastest), zstd (smallest), blosc "
+                     "(blosc/zstd with bit shuffle), none")
     ext.add_argument("--level", type=int, default=1, help="compression level")
     _cluster_options(ext)
     ext.add_argument("--break-lock", action="store_true", help="remove the store's writer lock even if its holder "

@@ -358,8 +358,10 @@ def resample_summary(
     xarray.Dataset
         ``mean``, ``sd``, ``lower``, ``upper`` without ``dim``.
     """
-    if not 0 < interval < 1:
-        raise ValueError(f"interval must be in (0, 1), got interval={interval!r}")
+    if isinstance(interval, bool) or not isinstance(interval, (int, float, np.floating)) or not 0 < interval < 1:
+        raise ValueError(f"interval must be a number in (0, 1), e.g. 0.95, got interval={interval!r}")
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"ddof must be a non-negative int, got ddof={ddof!r}")
     if dim not in d.dims:
         raise UnknownLabelError(f"unknown dimension {dim!r}; d has dims {d.dims}")
     d = _one_chunk(d)

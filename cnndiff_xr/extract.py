@@ -243,7 +243,7 @@ def extract(
     seed: int = 0,
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     on_error: str = "raise",
-    compression: str = "zstd",
+    compression: str = "lz4",
     compression_level: int = 1,
     n_workers: int | None = None,
     storage_options: Mapping | None = None,
@@ -280,8 +280,10 @@ def extract(
         image; "skip": leave them out and record each one (set, image id, source and reason) in the store's
         ``skipped_images`` attribute.
     compression, compression_level
-        Activation codec ("zstd", "blosc" = blosc/zstd with bit shuffle, "none") and its level (zstd 0..22,
-        blosc 0..9).
+        Activation codec and its level: "lz4" (default: blosc/lz4 with bit shuffle, level 0..9), "zstd" (level
+        0..22), "blosc" (blosc/zstd with bit shuffle, 0..9), "none". Chosen by measurement (benchmarks/RESULTS.md):
+        lz4 keeps extraction closest to the bare forward pass; zstd makes ~1.5x smaller stores at ~15 % lower
+        extraction throughput on 2 cores.
     n_workers
         Worker processes of the embedded LocalCluster (only with ``client=None``).
     storage_options
@@ -345,7 +347,7 @@ def _extract_locked(url, storage_options, table, *, model, weights, layers, dtyp
         compression_level=compression_level, seed=seed,
     )
     filter_labels = None
-    if with_predictions and (labels := load_imagenet_class_labels()) is not None:
+    if with_predictions and (labels := load_imagenet_class_labels(download=spec.weights == "imagenet")) is not None:
         filter_labels = {layer_list[-1]: labels} if layer_list[-1] == local.model.layers[-1].name else None
     del local  # the client does not keep a copy of the weights
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)

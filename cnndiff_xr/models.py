@@ -101,12 +101,20 @@ def preprocess_name(name: str) -> str:
     return f"keras.applications.{APPLICATIONS[name][0]}.preprocess_input"
 
 
-def load_imagenet_class_labels() -> list[str] | None:
-    """The 1000 ImageNet class labels from the Keras cache, or None when the index file is not cached (it is
-    downloaded by ``decode_predictions`` on first use; nothing here reaches the internet)."""
+CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
+
+
+def load_imagenet_class_labels(download: bool = False) -> list[str] | None:
+    """The 1000 ImageNet class labels (what ``decode_predictions`` uses) from the Keras cache; with ``download``,
+    fetched into the cache first when missing. None when they cannot be had (offline): labels are then left empty."""
     import json  # noqa: PLC0415
 
     index_file = keras_cache_dir() / "imagenet_class_index.json"
+    if not index_file.is_file() and download:
+        try:
+            _keras().utils.get_file("imagenet_class_index.json", CLASS_INDEX_URL, cache_subdir="models")
+        except Exception:  # noqa: BLE001 - offline: predictions keep their class ids, labels stay empty
+            return None
     if not index_file.is_file():
         return None
     with open(index_file) as fh:
@@ -153,8 +161,16 @@ class ModelSpec:
         _, constructor = _application(self.name)
         if self.weights is None:
             # Keras initialisers draw from the global seed: the same seed builds the same weights in every process.
-            keras.utils.set_random_seed(self.seed)
-            return constructor(weights=None)
+            # The caller's Python and numpy generators are put back afterwards (extract() must not reseed a session).
+            import random  # noqa: PLC0415
+
+            py_state, np_state = random.getstate(), np.random.get_state()
+            try:
+                keras.utils.set_random_seed(self.seed)
+                return constructor(weights=None)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
         if self.weights == "imagenet":
             try:
                 return constructor(weights="imagenet")

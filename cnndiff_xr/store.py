@@ -123,7 +123,7 @@ def check_compression(compression: Any, level: Any) -> tuple[str, int]:
     return compression, int(level)
 
 
-def codec(compression: str = "zstd", level: int = 1):
+def codec(compression: str = "lz4", level: int = 1):
     """The Zarr v3 compressor for activations (None for ``"none"``)."""
     from zarr.codecs import BloscCodec, ZstdCodec  # noqa: PLC0415
 
@@ -210,7 +210,7 @@ def build_layout(
     encoding: dict[str, dict[str, dict[str, Any]]] = {"/": {"completed": per_batch}}
     for name in prediction_coords:
         encoding["/"][name] = per_batch  # written per batch by the extraction tasks: one chunk per batch
-    comp = provenance.get("compression", "zstd")
+    comp = provenance.get("compression", "lz4")
     compressors = [c] if (c := codec(comp, provenance.get("compression_level", 1))) is not None else []
     groups = {"/": root}
     for name, shape in shapes.items():

@@ -136,6 +136,8 @@ def filter_means(
         ``image``, ``set`` and ``filter``. Dense layers' filter means are the activations.
         Computing a layer reads each of its chunks once.
     """
+    if not isinstance(zscore, (bool, np.bool_)):
+        raise TypeError(f"zscore must be True or False, got zscore={zscore!r}")
     coll, names, rows = _selection(tree, layers, sets, sample_dim, set_coord)
     sample_coords = {sample_dim: coll.samples[rows], set_coord: (sample_dim, coll.set_labels[rows])}
     nodes: dict[str, xr.Dataset] = {
@@ -170,6 +172,8 @@ def layer_means(
     so computing both together reads each chunk once. ``zscore`` as in
     :func:`filter_means`.
     """
+    if not isinstance(zscore, (bool, np.bool_)):
+        raise TypeError(f"zscore must be True or False, got zscore={zscore!r}")
     coll, names, rows = _selection(tree, layers, sets, sample_dim, set_coord)
     means = [_layer_parts(coll, coll.layer(name), rows, zscore, filter_dim)[1] for name in names]
     return xr.DataArray(

@@ -46,7 +46,8 @@ EXTRACT_CASES = [
     ({"resize": "cubic"}, ValueError, "resize='cubic'; choose one of ('nearest', 'bilinear', 'center_crop')"),
     ({"on_error": "ignore"}, ValueError, "on_error='ignore'; choose one of ('raise', 'skip')"),
     ({"compression": "lz5"}, ValueError, "compression='lz5'; choose one of ('zstd', 'blosc', 'lz4', 'none')"),
-    ({"compression_level": 99}, ValueError, "compression_level=99: for compression='zstd' it must be an int in 0..22"),
+    ({"compression_level": 99}, ValueError, "compression_level=99: for compression='lz4' it must be an int in 0..9"),
+    ({"compression": "zstd", "compression_level": 23}, ValueError, "for compression='zstd' it must be an int in 0..22"),
     ({"compression_level": "3"}, ValueError, "compression_level='3'"),
     ({"compression": "blosc", "compression_level": 12}, ValueError, "for compression='blosc' it must be an int in 0..9"),
     ({"seed": -1}, ValueError, "seed must be a non-negative int, got -1"),
@@ -156,8 +157,20 @@ CLUSTER_CASES = [
     (lambda p: cluster.check_address("tcp://"), ValueError, "is not a Dask scheduler address"),
 ]
 
+_D = xr.DataArray(np.ones((2, 1, 1, 3)), dims=("set", "layer", "n_units", "resample"),
+                  coords={"set": ["a", "b"], "layer": ["input_layer"], "n_units": [5]})
+ANALYSIS_CASES = [
+    (lambda p: cx.resample_summary(_D, interval="x"), ValueError, "interval must be a number in (0, 1)"),
+    (lambda p: cx.resample_summary(_D, interval=1.5), ValueError, "interval=1.5"),
+    (lambda p: cx.resample_summary(_D, ddof=-1), ValueError, "ddof must be a non-negative int"),
+    (lambda p: cx.normalise_by_reference(_D, "nope"), KeyError, "unknown reference set 'nope'"),
+    (lambda p: cx.filter_means(_tree(), zscore="yes"), TypeError, "zscore must be True or False"),
+    (lambda p: cx.differentiation(_tree(), n_units=0), ValueError, "n_units"),
+    (lambda p: cx.differentiation(_tree(), norm="weird"), ValueError, "norm"),
+]
 
-@pytest.mark.parametrize("call, error, fragment", STORE_CASES + IMAGE_CASES + CLUSTER_CASES)
+
+@pytest.mark.parametrize("call, error, fragment", STORE_CASES + IMAGE_CASES + CLUSTER_CASES + ANALYSIS_CASES)
 def test_public_functions_reject_bad_arguments(tmp_path, call, error, fragment):
     with pytest.raises(error) as err:
         call(str(tmp_path / "thing"))
@@ -182,7 +195,7 @@ CLI_CASES = [
     (["extract", "S", "--set", "a=noise:2", "--on-error", "ignore"], 2, "argument --on-error: invalid choice"),
     (["extract", "S", "--set", "a=noise:2", "--compression", "lz5"], 2, "argument --compression: invalid choice"),
     (["extract", "S", "--set", "a=noise:2", "--level", "x"], 2, "argument --level: invalid int value: 'x'"),
-    (["extract", "S", "--set", "a=noise:2", "--level", "99"], 2, "--level 99: with --compression zstd use 0..22"),
+    (["extract", "S", "--set", "a=noise:2", "--level", "99"], 2, "--level 99: with --compression lz4 use 0..9"),
     (["extract", "S", "--set", "a=noise:2", "--seed", "-1"], 2, "argument --seed: '-1' must be at least 0"),
     (["extract", "S", "--set", "a=noise:2", "--workers", "0"], 2, "argument --workers: '0' must be at least 1"),
     (["extract", "S", "--set", "a=noise:2", "--scheduler", "tcp://h:1", "--workers", "2"], 2,

@@ -61,7 +61,7 @@ def test_layout_dims_coords_and_chunks(tiny_store):
     assert "set" in plain["pool1"]["activation"].coords
     # compression as recorded
     arr = zarr.open_group(tiny_store, mode="r")["conv1/activation"]
-    assert type(arr.compressors[0]).__name__ == "ZstdCodec"
+    assert type(arr.compressors[0]).__name__ == "BloscCodec" and arr.compressors[0].cname.value == "lz4"
 
 
 def test_provenance_attrs(tiny_store):
@@ -193,3 +193,17 @@ def test_size_preflight_is_exact():
     sizes = store.uncompressed_nbytes({"a": (2, 3, 4), "b": (10,)}, 5, "float16")
     assert sizes == {"a": 5 * 24 * 2, "b": 5 * 10 * 2}
     assert "total" in size_report({"a": (2, 3, 4)}, 5, "float16")
+
+
+def test_file_url_store(tmp_path, local_client, tiny_model):
+    """A store at a file:// URL: extraction, lazy opening and info through fsspec."""
+    url = "file://" + str(tmp_path / "url.zarr")
+    rng = np.random.default_rng(9)
+    sets = {"a": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)}
+    tree = cx.extract(sets, store=url, model=tiny_model, preprocess=tiny_preprocess(), client=local_client,
+                      batch_size=2, progress=False)
+    _, expected = _reference_outputs(tiny_model, sets)
+    np.testing.assert_allclose(cx.open_activations(url)["pool1"]["activation"].values, expected["pool1"],
+                               rtol=1e-5, atol=1e-6)
+    assert tree.cnndiff.complete and (tmp_path / "url.zarr" / "zarr.json").is_file()
+    assert store.info(url)["n_completed"] == 5

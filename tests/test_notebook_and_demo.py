@@ -55,3 +55,14 @@ def test_demo_runs_offline_with_random_weights(tmp_path):
     heatmaps = sorted((out / "figures" / "filter_means").glob("*.png"))
     assert [p.stem for p in heatmaps] == sorted(tree.attrs["layers"])
     assert (out / "results" / "differentiation.csv").read_text().count("\n") == 3 * 21 * 2 * 2 + 1
+
+
+def test_committed_notebook_carries_outputs_of_a_real_run():
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "seed_vgg16.ipynb", as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    outputs = [o for cell in code for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 10
+    assert all(cell.get("execution_count") for cell in code if cell.get("outputs"))
