@@ -77,6 +77,8 @@ def check_url(url: Any, name: str = "store") -> str:
     if not isinstance(url, str) or not url.strip():
         raise TypeError(f"{name} must be a non-empty path or fsspec URL (str or os.PathLike), got "
                         f"{type(url).__name__}: {url!r}")
+    if url.startswith("file://"):  # a local path: Zarr's LocalStore creates folders, fsspec's file:// store does not
+        url = url[len("file://"):]
     return url if "://" in url else os.path.abspath(url)
 
 

@@ -196,7 +196,7 @@ def test_size_preflight_is_exact():
 
 
 def test_file_url_store(tmp_path, local_client, tiny_model):
-    """A store at a file:// URL: extraction, lazy opening and info through fsspec."""
+    """A store given as a file:// URL: extraction, lazy opening and info (file:// is taken as the local path)."""
     url = "file://" + str(tmp_path / "url.zarr")
     rng = np.random.default_rng(9)
     sets = {"a": rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)}
