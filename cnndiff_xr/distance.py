@@ -1,9 +1,9 @@
 """Pairwise distances and RDMs from Gram matrices, on dask.
 
-Every distance is computed from a Gram block ``G = X_a @ X_b.T`` (float64, of vectors
-shifted by their mean so that nothing cancels; see :func:`shift_rows`) and per-row
-statistics (sum, centred sum of squares, sum of squares, min, max), never from per-pair
-difference vectors. Normalisations (DESIGN.md section 2):
+Every distance is computed from a Gram block ``G = X_a @ X_b.T`` of shifted vectors
+(see :class:`Shift`: the set's centroid for Euclidean distances, so that nothing cancels)
+and per-row statistics (sum, centred sum of squares, sum of squares, min, max), never
+from per-pair difference vectors. Normalisations (DESIGN.md section 2):
 
 * ``norm="layer"`` (default, the seed's): one mean and one SD (ddof=0, as ``np.std``)
   over the whole (images x sampled units) matrix of the analysed images, so
@@ -31,6 +31,13 @@ task (one read of the chunk for all resamples and ``n_units`` values), then imag
 regrouped into row blocks of at most ``block_size`` images; a task per pair of row
 blocks computes the Gram blocks of all draws, so memory per task stays bounded whatever
 the number of images.
+
+Precision. Gram products run in float32 (BLAS ``sgemm``, about twice the speed of
+float64 and half the memory traffic) on blocks of :data:`GRAM_BLOCK_COLUMNS` units whose
+results are summed in float64; :func:`error_bound` bounds each distance's resulting
+error, and the pairs whose bound exceeds :data:`DISTANCE_RTOL` (nearly identical images)
+are recomputed in float64. Every distance is therefore within ``DISTANCE_RTOL``
+(1e-5) relative of the float64 computation; measured errors are about 1e-8.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from .sampling import (
+    sum_parts,
     UNIT_TYPES,
     Collection,
     DrawTable,
@@ -83,6 +91,16 @@ def check_options(norm: str, metric: str, constant: str) -> None:
 
 
 # --------------------------------------------------------------------------- numpy kernels
+#: columns per float32 Gram product; the float32 rounding error of one block's dot products
+#: grows like sqrt(block), and blocks are summed in float64 (see :func:`gram`)
+GRAM_BLOCK_COLUMNS = 4096
+#: a distance whose float32 error bound (see :func:`error_bound`) exceeds this relative error
+#: is recomputed from a float64 Gram product
+DISTANCE_RTOL = 1e-5
+#: unit roundoff of float32
+_U32 = 2.0**-24
+
+
 def row_stats(x: np.ndarray) -> np.ndarray:
     """Per-row sum, centred sum of squares, sum of squares, min and max: ``(5, n)`` float64.
 
@@ -131,57 +149,209 @@ def degenerate_rows(stats: np.ndarray, m: int, norm: str, metric: str, mean: flo
     return constant & (stats[_S] / m == mean)
 
 
-def shift_rows(x: np.ndarray, stats: np.ndarray, m: int, norm: str, metric: str, mean: float) -> None:
-    """Shift a float64 block in place so its Gram matrix has no cancellation.
+@dataclass(frozen=True)
+class Shift:
+    """What is subtracted from a row block before its Gram product: ``x - common - rows[:, None]``.
 
-    Metrics of row-centred vectors (correlation, ``norm="image"``) subtract each row's
-    mean; Euclidean and cosine under ``"layer"`` subtract the set's mean (a common scalar
-    shift leaves them unchanged); raw cosine has nothing to cancel. Without the shift,
-    ``q_i + q_j - 2 G_ij`` loses about ``log10((mean / spread)^2)`` digits.
+    Every distance here is unchanged by some shift, and the right shift removes the large
+    common part of the vectors, so that ``n_i + n_j - 2 G_ij`` (or ``1 - G_ij / sqrt(n_i n_j)``)
+    does not cancel and float32 products are accurate: Euclidean distances take any vector
+    common to all rows -- the centroid of the set is the best, it leaves each vector's
+    deviation from the set's mean image; metrics of row-centred vectors (correlation,
+    ``norm="image"``) subtract each row's mean; cosine under ``"layer"`` the layer's mean
+    (a common scalar); raw cosine nothing.
     """
+
+    common: np.ndarray | float = 0.0  # (m,) or a scalar
+    rows: np.ndarray | None = None  # (rows,)
+
+    def take_rows(self, index: Any) -> "Shift":
+        return Shift(self.common, None if self.rows is None else self.rows[index])
+
+    def for_dtype(self, dtype: np.dtype) -> "Shift":
+        """The shift actually applied to data of ``dtype``: float64 data are shifted in
+        float64 (so a large common part cancels before rounding), other data in float32,
+        by float32-rounded values; the float32 and float64 products use the same one."""
+        if dtype == np.float64:
+            return self
+
+        def rounded(v: Any) -> Any:
+            if v is None:
+                return None
+            return float(np.float32(v)) if np.ndim(v) == 0 else np.asarray(v, np.float32).astype(np.float64)
+
+        return Shift(rounded(self.common), rounded(self.rows))
+
+    def apply(self, x: np.ndarray, cols: slice, out: np.ndarray) -> np.ndarray:
+        """``out[:] = x[:, cols] - shift`` (``out`` float32), see :meth:`for_dtype`."""
+        common = self.common if np.ndim(self.common) == 0 else self.common[cols]
+        if self.rows is None:
+            work = np.float64 if x.dtype == np.float64 else np.float32
+            np.subtract(x[:, cols], common, out=out, dtype=work, casting="same_kind")
+        elif x.dtype == np.float64:
+            out[...] = x[:, cols] - common - self.rows[:, None]
+        else:
+            np.subtract(x[:, cols], common, out=out, dtype=np.float32)
+            out -= self.rows[:, None].astype(np.float32)
+        return out
+
+
+def choose_shift(stats: np.ndarray, m: int, norm: str, metric: str, mean: float, centroid: np.ndarray) -> Shift:
+    """The :class:`Shift` of a row block under ``(norm, metric)``; see its doc."""
     if metric == "correlation" or norm == "image":
-        x -= (stats[_S] / m)[:, None]
-    elif not (metric == "cosine" and norm == "none"):
-        x -= mean
+        return Shift(rows=stats[_S] / m)
+    if metric == "euclidean":
+        return Shift(common=np.asarray(centroid, np.float64))
+    if metric == "cosine" and norm == "layer":
+        return Shift(common=float(mean))
+    return Shift()
+
+
+def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None = None,
+         *, with_sums: bool = False) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """Gram block of shifted rows, float32 products summed in float64.
+
+    ``xb=None``: the block with itself (a symmetric rank-k update). Columns are taken
+    :data:`GRAM_BLOCK_COLUMNS` at a time: each block is shifted into a float32 buffer that
+    stays in cache, multiplied by BLAS ``sgemm``/``ssyrk`` and added to a float64
+    accumulator, so a float32 rounding error stays about ``u * sqrt(block)`` of the sum of
+    the terms' magnitudes (Higham & Mary's probabilistic bound) and never grows with the
+    number of units. :func:`error_bound` turns that into a bound per distance.
+
+    Returns ``(G, norms_a, norms_b)`` (squared norms of the shifted rows) and, with
+    ``with_sums``, the column sums of the shifted ``xa`` rows.
+    """
+    same = xb is None
+    shift_a = shift_a.for_dtype(xa.dtype)
+    shift_b = None if same else shift_b.for_dtype(xb.dtype)
+    na, m = xa.shape
+    nb = na if same else xb.shape[0]
+    g = np.zeros((na, nb))
+    norms_a, norms_b, sums = np.zeros(na), np.zeros(nb), np.zeros(m if with_sums else 0)
+    width = min(m, GRAM_BLOCK_COLUMNS)
+    buf_a = np.empty((na, width), np.float32)
+    buf_b = None if same else np.empty((nb, width), np.float32)
+    for lo in range(0, m, width):
+        cols = slice(lo, min(lo + width, m))
+        ya = shift_a.apply(xa, cols, buf_a[:, : cols.stop - lo])
+        if same:
+            part = ya @ ya.T  # numpy runs x @ x.T as ssyrk
+            norms_a += np.diagonal(part)
+        else:
+            yb = shift_b.apply(xb, cols, buf_b[:, : cols.stop - lo])
+            part = ya @ yb.T
+            norms_a += np.einsum("ij,ij->i", ya, ya)
+            norms_b += np.einsum("ij,ij->i", yb, yb)
+        g += part
+        if with_sums:
+            sums[cols] = ya.sum(axis=0)
+    if same:
+        norms_b = norms_a
+    return (g, norms_a, norms_b, sums) if with_sums else (g, norms_a, norms_b)
+
+
+def exact_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """:func:`gram` in float64 throughout (the fallback for ill-conditioned pairs)."""
+
+    def shifted(x, shift):
+        shift = shift.for_dtype(x.dtype)
+        common = shift.common
+        y = np.asarray(x, dtype=np.float64) - (common if np.ndim(common) == 0 else common[None, :])
+        return y if shift.rows is None else y - shift.rows[:, None]
+
+    ya = shifted(xa, shift_a)
+    yb = ya if xb is None else shifted(xb, shift_b)
+    g = ya @ yb.T
+    norms_a = np.einsum("ij,ij->i", ya, ya)
+    return g, norms_a, norms_a if xb is None else np.einsum("ij,ij->i", yb, yb)
+
+
+def error_bound(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, metric: str, norm: str) -> np.ndarray:
+    """Bound on the relative error of each distance computed from a :func:`gram` block.
+
+    Each float32 block product of length ``k`` errs by at most about
+    ``u sqrt(k) sum_l |a_l b_l|`` (Higham & Mary 2019, probabilistic), the float32 shift
+    adds ``u`` per term, and ``sum_l |a_l b_l| <= ||a|| ||b||``: so ``G_ij`` is within
+    ``eps sqrt(n_i n_j)`` and ``n_i`` within ``eps n_i``, with ``eps = u (sqrt(k) + 2)``.
+    Euclidean: ``D^2 = n_i + n_j - 2 G_ij`` errs by at most ``eps (sqrt(n_i) + sqrt(n_j))^2``,
+    a relative error of half that over ``D^2`` for ``D``. Similarity ``G_ij / sqrt(n_i n_j)``:
+    within ``2 eps``, relative to ``1 - sim`` for the distance. Measured errors sit 25-60x
+    below this bound (bench_distances.py); it is large only where the shifted vectors are
+    nearly parallel or the distance is tiny against the norms -- near-duplicate images.
+    """
+    eps = _U32 * (np.sqrt(GRAM_BLOCK_COLUMNS) + 2)
+    ra, rb = np.sqrt(np.maximum(norms_a, 0.0)), np.sqrt(np.maximum(norms_b, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if metric == "euclidean" and norm != "image":
+            d2 = norms_a[:, None] + norms_b[None, :] - 2.0 * g
+            spread = (ra[:, None] + rb[None, :]) ** 2
+            bound = np.where(d2 > 0, eps * spread / (2.0 * d2), np.inf)
+            bound[spread == 0] = 0.0  # both shifted vectors exactly zero: distance exactly 0
+        else:
+            den = ra[:, None] * rb[None, :]
+            gap = 1.0 - g / den
+            bound = np.where(gap > 0, 2.0 * eps / gap, np.inf)
+            bound[den == 0] = 0.0  # degenerate rows: their distances are set by convention
+    return bound
+
+
+def accurate_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None, metric: str,
+                  norm: str, *, with_sums: bool = False) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """:func:`gram`, with the pairs whose :func:`error_bound` exceeds :data:`DISTANCE_RTOL`
+    recomputed in float64 (only the rows involved), so every distance is within that
+    relative error of a float64 computation."""
+    out = gram(xa, xb, shift_a, shift_b, with_sums=with_sums)
+    g, norms_a, norms_b = out[:3]
+    unsure = error_bound(g, norms_a, norms_b, metric, norm) > DISTANCE_RTOL
+    if xb is None:
+        np.fill_diagonal(unsure, False)  # distance 0 by definition
+    if unsure.any():
+        g, norms_a, norms_b = _redo_in_float64(xa, xb, shift_a, shift_b, g, norms_a, norms_b, unsure)
+    return (g, norms_a, norms_b, *out[3:])
+
+
+def _redo_in_float64(xa, xb, shift_a, shift_b, g, norms_a, norms_b, unsure):
+    if xb is None:
+        rows = np.flatnonzero(unsure.any(axis=0) | unsure.any(axis=1))
+        sub, sub_norms, _ = exact_gram(xa[rows], None, shift_a.take_rows(rows))
+        g[np.ix_(rows, rows)] = sub
+        norms_a[rows] = sub_norms
+        return g, norms_a, norms_a
+    rows_a, rows_b = np.flatnonzero(unsure.any(axis=1)), np.flatnonzero(unsure.any(axis=0))
+    sub, sub_a, sub_b = exact_gram(xa[rows_a], xb[rows_b], shift_a.take_rows(rows_a), shift_b.take_rows(rows_b))
+    g[np.ix_(rows_a, rows_b)] = sub
+    norms_a, norms_b = norms_a.copy(), norms_b.copy()
+    norms_a[rows_a], norms_b[rows_b] = sub_a, sub_b
+    return g, norms_a, norms_b
 
 
 def distance_block(
     gram: np.ndarray,
-    stats_a: np.ndarray,
-    stats_b: np.ndarray,
+    norms_a: np.ndarray,
+    norms_b: np.ndarray,
     m: int,
     norm: str,
     metric: str,
-    mean: float = 0.0,
     sd: float = 1.0,
     degenerate_a: np.ndarray | None = None,
     degenerate_b: np.ndarray | None = None,
 ) -> np.ndarray:
     """Distances between two row blocks from the Gram block of their shifted vectors.
 
-    ``gram`` is ``X_a @ X_b.T`` after :func:`shift_rows`; ``stats_*`` are the
-    :func:`row_stats` of the unshifted rows. ``degenerate_*`` rows follow the
-    ``constant="zero"`` rule (see the module doc).
+    ``gram``, ``norms_*``: from :func:`accurate_gram` with the :func:`choose_shift` shift.
+    ``degenerate_*`` rows follow the ``constant="zero"`` rule (see the module doc).
     """
     if metric == "euclidean" and norm != "image":
-        # squared norms of the mean-shifted rows: css + m (row mean - mean)^2
-        dev_a, dev_b = stats_a[_S] / m - mean, stats_b[_S] / m - mean
-        norm_a, norm_b = stats_a[_CSS] + m * dev_a**2, stats_b[_CSS] + m * dev_b**2
-        d2 = norm_a[:, None] + norm_b[None, :] - 2.0 * gram
+        d2 = norms_a[:, None] + norms_b[None, :] - 2.0 * gram
         np.maximum(d2, 0.0, out=d2)
         scale = m * (sd * sd if norm == "layer" else 1.0)
         if scale == 0:  # all sampled values equal: identical vectors
             return np.zeros_like(d2)
         out = np.sqrt(d2 / scale)
     else:
-        if metric == "cosine" and norm == "none":
-            den_a, den_b = stats_a[_Q], stats_b[_Q]
-        elif metric == "cosine" and norm == "layer":
-            dev_a, dev_b = stats_a[_S] / m - mean, stats_b[_S] / m - mean
-            den_a, den_b = stats_a[_CSS] + m * dev_a**2, stats_b[_CSS] + m * dev_b**2
-        else:  # correlation, or any metric on image-z-scored vectors: rows were centred
-            den_a, den_b = stats_a[_CSS], stats_b[_CSS]
-        den = np.sqrt(np.outer(den_a, den_b))
+        # the shifted vectors are the normalised ones up to a positive factor per row
+        den = np.sqrt(np.outer(norms_a, norms_b))
         sim = np.divide(gram, den, out=np.zeros_like(gram), where=den > 0)
         np.clip(sim, -1.0, 1.0, out=sim)
         if degenerate_a is None:
@@ -238,22 +408,40 @@ def pairwise_distances(
 ) -> np.ndarray:
     """All pairwise distances of the rows of an in-memory ``(n, m)`` matrix (Gram-based).
 
-    The same kernel the lazy functions run per block; see the module doc for the norms,
-    metrics and degenerate rows. Returns a symmetric ``(n, n)`` float64 array with a zero
-    diagonal.
+    The same kernel the lazy functions run per block (:func:`accurate_gram`); see the
+    module doc for the norms, metrics and degenerate rows. Returns a symmetric ``(n, n)``
+    float64 array with a zero diagonal.
     """
     check_options(norm, metric, constant)
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[1] < 1:
         raise ValueError(f"expected an (n, m) matrix with m >= 1, got shape {x.shape}")
-    x64 = np.array(x, dtype=np.float64)  # a copy: shifted in place below
-    m = x.shape[1]
-    stats = row_stats(x64)
+    if x.dtype not in (np.float16, np.float32, np.float64):
+        x = x.astype(np.float64)
+    n, m = x.shape
+    if metric == "euclidean" and norm != "image":
+        # One pass: shift by an approximate centroid c (any common vector keeps the
+        # distances), Gram, and the layer SD from the shifted rows y = x - c:
+        # sum (x - mu)^2 = sum_i |y_i|^2 + 2 (c - mu) . sum_i y_i + n |c - mu|^2.
+        probe = x[np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))]
+        shift = Shift(common=probe.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+        g, norms, _, column_sums = accurate_gram(x, None, shift, None, metric, norm, with_sums=True)
+        if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(column_sums))):
+            bad = ~np.all(np.isfinite(x), axis=1)
+            raise ValueError(f"non-finite values in {int(bad.sum())} row(s) (e.g. rows {list(np.flatnonzero(bad)[:3])})")
+        offset = shift.common
+        mean = (column_sums.sum() / n + offset.sum()) / m
+        dev = offset - mean
+        sd = float(np.sqrt(max((norms.sum() + 2.0 * dev @ column_sums + n * (dev @ dev)) / (n * m), 0.0)))
+        d = distance_block(g, norms, norms, m, norm, metric, sd)
+        return _symmetrise(d)
+    stats = row_stats(x)
     mean, sd, degenerate = _check_group(
-        stats, m, norm, metric, constant, layer="<array>", group="<array>", names=np.arange(x.shape[0])
+        stats, m, norm, metric, constant, layer="<array>", group="<array>", names=np.arange(n)
     )
-    shift_rows(x64, stats, m, norm, metric, mean)
-    d = distance_block(x64 @ x64.T, stats, stats, m, norm, metric, mean, sd, degenerate, degenerate)
+    shift = choose_shift(stats, m, norm, metric, mean, np.zeros(m))
+    g, norms, _ = accurate_gram(x, None, shift, None, metric, norm)
+    d = distance_block(g, norms, norms, m, norm, metric, sd, degenerate, degenerate)
     return _symmetrise(d)
 
 
@@ -265,13 +453,19 @@ def _symmetrise(d: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- graph pieces
 @dataclass(frozen=True)
 class GroupStats:
-    """Per distinct draw: unit count, layer mean/SD over the group, row stats, degenerate rows."""
+    """Per distinct draw: unit count, layer mean/SD over the group, row stats, degenerate
+    rows, and the group's centroid (mean vector, the Euclidean :class:`Shift`)."""
 
     m: np.ndarray  # (draws,)
     stats: np.ndarray  # (draws, 5, n)
     mean: np.ndarray  # (draws,)
     sd: np.ndarray  # (draws,)
     degenerate: np.ndarray  # (draws, n) bool
+    centroid: tuple[np.ndarray, ...]  # (m_d,) per draw
+
+    def shift(self, d: int, rows: slice, norm: str, metric: str) -> Shift:
+        return choose_shift(self.stats[d][:, rows], int(self.m[d]), norm, metric, float(self.mean[d]),
+                            self.centroid[d])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -308,19 +502,25 @@ def _take_rows(parts: list[np.ndarray], positions: list[np.ndarray]) -> np.ndarr
 
 
 def draw_columns(block: np.ndarray, plan: UnitPlan, group: int, d: int) -> np.ndarray:
-    """A new float64 ``(rows, m)`` array of draw ``d``'s units from a gathered row block."""
+    """Draw ``d``'s units from a gathered row block, ``(rows, m)`` in the stored dtype."""
     positions = plan.positions(group, d)
     if positions.size == block.shape[1]:
-        return np.array(block, dtype=np.float64)
-    return np.take(block, positions, axis=1).astype(np.float64, copy=False)  # take made a new array
+        return block
+    return np.take(block, positions, axis=1)
 
 
-def _row_stats_task(block: np.ndarray, plan: UnitPlan, group: int, n_draws: int) -> np.ndarray:
-    return np.stack([row_stats(draw_columns(block, plan, group, d)) for d in range(n_draws)])
+def _row_stats_task(block: np.ndarray, plan: UnitPlan, group: int, n_draws: int) -> tuple[np.ndarray, list]:
+    """Row statistics and column sums (for the centroid) of every draw of a row block."""
+    stats, column_sums = [], []
+    for d in range(n_draws):
+        x = draw_columns(block, plan, group, d)
+        stats.append(row_stats(x))
+        column_sums.append(x.sum(axis=0, dtype=np.float64))
+    return np.stack(stats), column_sums
 
 
 def _group_stats(
-    parts: list[np.ndarray],
+    parts: list[tuple[np.ndarray, list]],
     plan: UnitPlan,
     group: int,
     norm: str,
@@ -330,19 +530,21 @@ def _group_stats(
     group_name: str,
     names: np.ndarray,
 ) -> GroupStats:
-    stats = np.concatenate(parts, axis=2)
-    n_draws = stats.shape[0]
+    stats = np.concatenate([p[0] for p in parts], axis=2)
+    n_draws, n = stats.shape[0], stats.shape[2]
     m = np.array([plan.draw(group, d).size for d in range(n_draws)])
     out = [
         _check_group(stats[d], int(m[d]), norm, metric, constant, layer=layer, group=group_name, names=names)
         for d in range(n_draws)
     ]
+    centroid = tuple(sum_parts([p[1][d] for p in parts]) / n for d in range(n_draws))
     return GroupStats(
         m=m,
         stats=stats,
         mean=np.array([o[0] for o in out]),
         sd=np.array([o[1] for o in out]),
         degenerate=np.stack([o[2] for o in out]),
+        centroid=centroid,
     )
 
 
@@ -362,17 +564,13 @@ def iter_distance_blocks(
     same = rows_a == rows_b
     sa, sb = slice(*rows_a), slice(*rows_b)
     for d in range(len(stats.m)) if draws is None else draws:
-        m, mean = int(stats.m[d]), float(stats.mean[d])
-        stats_a, stats_b = stats.stats[d][:, sa], stats.stats[d][:, sb]
-        xa = draw_columns(block_a, plan, group, d)
-        shift_rows(xa, stats_a, m, norm, metric, mean)
+        xa, shift_a = draw_columns(block_a, plan, group, d), stats.shift(d, sa, norm, metric)
         if same:
-            xb = xa
+            xb, shift_b = None, None
         else:
-            xb = draw_columns(block_b, plan, group, d)
-            shift_rows(xb, stats_b, m, norm, metric, mean)
-        gram = xa @ xb.T  # xa @ xa.T runs as a symmetric rank-k update
-        out = distance_block(gram, stats_a, stats_b, m, norm, metric, mean, float(stats.sd[d]),
+            xb, shift_b = draw_columns(block_b, plan, group, d), stats.shift(d, sb, norm, metric)
+        g, norms_a, norms_b = accurate_gram(xa, xb, shift_a, shift_b, metric, norm)
+        out = distance_block(g, norms_a, norms_b, int(stats.m[d]), norm, metric, float(stats.sd[d]),
                              stats.degenerate[d][sa], stats.degenerate[d][sb])  # fmt: skip
         yield d, (_symmetrise(out) if same else out)
 

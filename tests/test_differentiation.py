@@ -26,7 +26,7 @@ from analysis_fixtures import (
     tree_or_store,
     unit_indices,
 )
-from cnndiff_xr.distance import METRICS, NORMS
+from cnndiff_xr.distance import DISTANCE_RTOL, METRICS, NORMS
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 RTOL = 1e-5
@@ -109,10 +109,11 @@ def test_exact_median_of_thousands_of_images(n, radix):
 def test_single_block_collected_and_radix_paths_agree(tree, monkeypatch):
     one = cx.differentiation(tree, n_units=[15, 50], resamples=3).compute()
     collected = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
-    np.testing.assert_allclose(one.values, collected.values, rtol=1e-12)  # other Gram partition: ulps
+    # other row blocks -> other float32 product shapes: each within DISTANCE_RTOL of float64
+    np.testing.assert_allclose(one.values, collected.values, rtol=2 * DISTANCE_RTOL)
     monkeypatch.setattr(differentiation_module, "MEDIAN_IN_MEMORY_BYTES", 0)
     radix = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
-    np.testing.assert_allclose(one.values, radix.values, rtol=1e-7)
+    np.testing.assert_allclose(one.values, radix.values, rtol=2 * DISTANCE_RTOL)
 
 
 def test_median_of_rdm_equals_differentiation(tree):
@@ -320,9 +321,12 @@ def test_rdm_regression_matches_linregress_on_the_input_rdm(any_tree):
             y = squareform(cx.rdm(any_tree, layer, n_units=30, sets=[str(s)]).values, checks=False)
             ref = stats.linregress(x, y)
             got = fit.sel(set=s, layer=layer)
-            assert float(got.slope) == pytest.approx(ref.slope, rel=1e-6, abs=1e-9)
-            assert float(got.r) == pytest.approx(ref.rvalue, rel=1e-6, abs=1e-9)
-            assert float(got.p) == pytest.approx(ref.pvalue, rel=1e-5, abs=1e-12)
+            # both RDMs hold distances within DISTANCE_RTOL (other row blocks, other float32
+            # rounding); a weak fit's slope and r are differences of such values: absolute slack
+            slack = 10 * DISTANCE_RTOL
+            assert float(got.slope) == pytest.approx(ref.slope, rel=1e-6, abs=slack * y.std() / x.std())
+            assert float(got.r) == pytest.approx(ref.rvalue, rel=1e-6, abs=slack)
+            assert float(got.p) == pytest.approx(ref.pvalue, rel=1e-4, abs=1e-12)
             assert int(got.n_pairs) == x.size
     np.testing.assert_allclose(fit.r2.sel(layer="input_layer").values, 1.0)
 

@@ -22,7 +22,8 @@ from analysis_fixtures import (
     tree_or_store,
     unit_indices,
 )
-from cnndiff_xr.distance import METRICS, NORMS, pairwise_distances, rdm
+import cnndiff_xr.distance as distance_module
+from cnndiff_xr.distance import DISTANCE_RTOL, METRICS, NORMS, pairwise_distances, rdm
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 settings.register_profile("analysis", max_examples=30, deadline=None)
@@ -34,7 +35,7 @@ def test_pairwise_matches_scipy(norm, metric):
     rng = np.random.default_rng(0)
     x = np.maximum(rng.normal(1.0, 1.0, size=(25, 300)), 0).astype(np.float32)
     got = squareform(pairwise_distances(x, norm, metric), checks=False)
-    np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=DISTANCE_RTOL, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm, metric", COMBOS)
@@ -86,7 +87,7 @@ def test_rdm_of_a_recording():
     from cnndiff_xr.sampling import draw_units
 
     units = draw_units((12, 5), 20, seed=0, layer="lfp_power")
-    np.testing.assert_allclose(r.values, squareform(reference_distances(x[:, units], "layer", "euclidean")), rtol=1e-9)
+    np.testing.assert_allclose(r.values, squareform(reference_distances(x[:, units], "layer", "euclidean")), rtol=DISTANCE_RTOL)
 
 
 # --------------------------------------------------------------------------- invariants
@@ -236,3 +237,63 @@ def test_rows_far_from_zero_keep_their_precision(norm, metric):
     x[:, :50] += 5e-3 * np.arange(12)[:, None]  # rows with slightly different offsets
     got = squareform(pairwise_distances(x, norm, metric), checks=False)
     np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- float32 Gram products
+def _correlated_rows(n: int, m: int, r: float, seed: int = 0) -> np.ndarray:
+    """ReLU-like rows sharing a common pattern (correlation ~r), plus an exact duplicate and
+    a near-duplicate: the cases where float32 products cancel."""
+    rng = np.random.default_rng(seed)
+    common = np.maximum(rng.normal(0.2, 1.0, size=(1, m)), 0)
+    own = np.maximum(rng.normal(0.2, 1.0, size=(n, m)), 0)
+    x = (np.sqrt(r) * common + np.sqrt(1 - r) * own).astype(np.float32)
+    x[1] = x[0]
+    x[2] = x[0] + np.float32(1e-4) * own[3].astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("norm, metric", COMBOS)
+@pytest.mark.parametrize("r", [0.0, 0.999])
+def test_float32_products_stay_within_the_documented_tolerance(monkeypatch, norm, metric, r):
+    # small column blocks: many float32 partial products summed in float64, as at 100k units
+    monkeypatch.setattr(distance_module, "GRAM_BLOCK_COLUMNS", 256)
+    x = _correlated_rows(40, 3000, r)
+    got = squareform(pairwise_distances(x, norm, metric), checks=False)
+    expected = reference_distances(x, norm, metric)
+    # relative everywhere, except the exact duplicate (distance 0): a Gram-based distance of
+    # identical vectors is sqrt(float64 rounding), ~1e-7..1e-5 of a typical distance
+    atol = 1e-5 * np.median(expected)
+    np.testing.assert_allclose(got, expected, rtol=DISTANCE_RTOL, atol=atol)
+    assert np.sum(np.abs(got - expected) > DISTANCE_RTOL * expected) <= 1  # only that pair needs atol
+
+
+def test_error_bound_covers_the_measured_float32_error():
+    x = _correlated_rows(30, 5000, 0.9, seed=3)
+    shift = distance_module.Shift(common=x.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+    g32, n32, _ = distance_module.gram(x, None, shift)
+    g64, n64, _ = distance_module.exact_gram(x, None, shift)
+    d32 = np.sqrt(np.maximum(n32[:, None] + n32[None, :] - 2 * g32, 0))
+    d64 = np.sqrt(np.maximum(n64[:, None] + n64[None, :] - 2 * g64, 0))
+    off = ~np.eye(30, dtype=bool) & (d64 > 0)
+    measured = np.abs(d32 - d64)[off] / d64[off]
+    bound = distance_module.error_bound(g32, n32, n32, "euclidean", "layer")[off]
+    assert np.all(measured <= bound)
+    assert np.median(bound) < DISTANCE_RTOL  # typical pairs need no float64 pass
+    assert measured.max() > 0  # float32 products really ran
+
+
+def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
+    calls = []
+    original = distance_module.exact_gram
+
+    def spy(xa, xb, *args):
+        calls.append(xa.shape[0])
+        return original(xa, xb, *args)
+
+    monkeypatch.setattr(distance_module, "exact_gram", spy)
+    x = _correlated_rows(50, 2000, 0.0)
+    pairwise_distances(x)
+    assert calls and calls[0] < 10  # the duplicate and near-duplicate rows, not all 50
+    calls.clear()
+    pairwise_distances(x[3:])  # no near-duplicates left: float32 only
+    assert calls == []
