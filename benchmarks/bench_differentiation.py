@@ -1,11 +1,11 @@
 """Differentiation over a stored corpus vs one read of the store (issue 5).
 
-A VGG16 store (random weights, default layers, float16) of natural photos is made first; then, on the same embedded
-LocalCluster, (a) one read: every chunk of every layer decompressed and discarded, and (b) differentiation of every
-layer for 200 and 10,000 units with 10 resamples (plus filter means in the same pass, optional). The ratio b/a is
-the result (target <= 1.5x).
+A VGG16 store (random weights, default layers; float32, the default, and float16) of natural photos and white noise
+is made first; then, on the same embedded LocalCluster, (a) one read: every chunk of every layer decompressed and
+discarded, and (b) differentiation of every layer for 200 and 10,000 units with 10 resamples (plus filter means in
+the same pass). The ratio b/a is the result (target <= 1.5x).
 
-    python benchmarks/bench_differentiation.py [--images 48] [--store PATH]
+    python benchmarks/bench_differentiation.py [--images 48] [--dtype float32 float16] [--store PATH ...]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def read_once(tree, client) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="images in the corpus (half photos, half cats)")
-    parser.add_argument("--store", default=None, help="reuse this store instead of extracting one")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "float16"], help="store dtypes to measure")
+    parser.add_argument("--store", nargs="+", default=None, help="reuse these stores (one per --dtype)")
     parser.add_argument("--resamples", type=int, default=10)
     args = parser.parse_args()
     print(machine_info())
@@ -53,34 +54,40 @@ def main() -> None:
     from cnndiff_xr.cluster import get_client
 
     work = Path(tempfile.mkdtemp(prefix="cnndiff-bench-diff-"))
+    rows = []
     try:
         with get_client(None) as client:
-            store = args.store
-            if store is None:
-                store = str(work / "corpus.zarr")
-                folders = natural_image_sets(work / "images", args.images)
-                sets = {**folders, "white_noise": cx.images.white_noise(args.images // 2, seed=0)}
-                cx.extract(sets, store=store, model="vgg16", weights=None, dtype="float16", client=client,
-                           progress=False)
-            tree = cx.open_activations(store)
-            info = cx.store.info(store)
-            print(f"corpus: {info['n_images']} images, {len(tree.attrs['layers'])} layers, "
-                  f"{info['uncompressed_bytes'] / 1e9:.2f} GB uncompressed, {info['disk_bytes'] / 1e9:.2f} GB on disk")
-            read_once(tree, client)  # warm the page cache the same way for both measurements
-            t_read = min(read_once(tree, client) for _ in range(2))
-            d = cx.differentiation(tree, n_units=[200, 10000], resamples=args.resamples, seed=0)
-            t0 = time.perf_counter()
-            client.compute(d, sync=True)
-            t_diff = time.perf_counter() - t0
-            both = [cx.differentiation(tree, n_units=[200, 10000], resamples=args.resamples, seed=1),
-                    cx.filter_means(tree)]
-            t0 = time.perf_counter()
-            client.compute(both, sync=True)
-            t_both = time.perf_counter() - t0
-        print(f"one read of the store: {t_read:.1f} s")
-        print(f"differentiation, all layers, n_units 200 and 10000, {args.resamples} resamples: {t_diff:.1f} s "
-              f"= {t_diff / t_read:.2f}x one read")
-        print(f"differentiation + filter means together: {t_both:.1f} s = {t_both / t_read:.2f}x one read")
+            for i, dtype in enumerate(args.dtype):
+                store = args.store[i] if args.store else None
+                if store is None:
+                    store = str(work / f"corpus-{dtype}.zarr")
+                    folders = natural_image_sets(work / "images", args.images)
+                    sets = {**folders, "white_noise": cx.images.white_noise(args.images // 2, seed=0)}
+                    cx.extract(sets, store=store, model="vgg16", weights=None, dtype=dtype, client=client,
+                               progress=False)
+                tree = cx.open_activations(store)
+                info = cx.store.info(store)
+                print(f"corpus: {info['n_images']} images, {len(tree.attrs['layers'])} layers, "
+                      f"{tree[tree.attrs['layers'][0]]['activation'].dtype}, "
+                      f"{info['uncompressed_bytes'] / 1e9:.2f} GB uncompressed, {info['disk_bytes'] / 1e9:.2f} GB on disk")
+                read_once(tree, client)  # warm the page cache the same way for both measurements
+                t_read = min(read_once(tree, client) for _ in range(2))
+                d = cx.differentiation(tree, n_units=[200, 10000], resamples=args.resamples, seed=0)
+                t0 = time.perf_counter()
+                client.compute(d, sync=True)
+                t_diff = time.perf_counter() - t0
+                both = [cx.differentiation(tree, n_units=[200, 10000], resamples=args.resamples, seed=1),
+                        cx.filter_means(tree)]
+                t0 = time.perf_counter()
+                client.compute(both, sync=True)
+                t_both = time.perf_counter() - t0
+                rows.append((dtype, t_read, t_diff, t_both))
+                print(f"[{dtype}] one read of the store: {t_read:.1f} s; differentiation, all layers, n_units 200 and "
+                      f"10000, {args.resamples} resamples: {t_diff:.1f} s = {t_diff / t_read:.2f}x one read; "
+                      f"+ filter means together: {t_both:.1f} s = {t_both / t_read:.2f}x", flush=True)
+        print("\ndtype    read s  diff s  diff/read  diff+means s  (diff+means)/read")
+        for dtype, t_read, t_diff, t_both in rows:
+            print(f"{dtype:8s} {t_read:6.1f} {t_diff:7.1f} {t_diff / t_read:9.2f}x {t_both:12.1f} {t_both / t_read:12.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -411,20 +411,36 @@ def draw_table(
 
 @dataclass(frozen=True)
 class UnitPlan:
-    """Concrete units of every distinct draw (per group for ``"top"``) and their union."""
+    """Concrete units of every distinct draw (per group for ``"top"``) and their union.
+
+    A chunk is gathered once, as the union of all draws (sorted: reading it is a forward
+    sweep through each image's activations); ``columns`` locate each draw inside the
+    union. Row blocks then lay a group's draws out one after the other (``spans``), so
+    every later pass over a draw reads a contiguous slice.
+    """
 
     union: np.ndarray
     units: tuple[tuple[np.ndarray, ...], ...]  # [group][draw]; a single shared group unless "top"
+    columns: tuple[tuple[Any, ...], ...]  # [group][draw]: slice or index array into the union
+
+    def _group(self, group: int) -> int:
+        return group if len(self.units) > 1 else 0
 
     def draw(self, group: int, d: int) -> np.ndarray:
-        return self.units[group if len(self.units) > 1 else 0][d]
+        return self.units[self._group(group)][d]
 
-    def positions(self, group: int, d: int) -> np.ndarray:
-        """Columns of draw ``d`` within the gathered union columns."""
-        units = self.draw(group, d)
-        if units.size == self.union.size:  # the draw is the whole union
-            return np.arange(units.size)
-        return np.searchsorted(self.union, units)
+    def positions(self, group: int, d: int) -> Any:
+        """Columns of draw ``d`` within the gathered union columns (a slice when contiguous)."""
+        return self.columns[self._group(group)][d]
+
+    def span(self, group: int, d: int) -> slice:
+        """Columns of draw ``d`` within a row block of ``group`` (draws one after the other)."""
+        sizes = [u.size for u in self.units[self._group(group)]]
+        lo = int(sum(sizes[:d]))
+        return slice(lo, lo + sizes[d])
+
+    def width(self, group: int) -> int:
+        return int(sum(u.size for u in self.units[self._group(group)]))
 
 
 def make_plan(table: DrawTable, means: np.ndarray | None = None) -> UnitPlan:
@@ -446,8 +462,17 @@ def make_plan(table: DrawTable, means: np.ndarray | None = None) -> UnitPlan:
         )
         for group_means in groups
     )
-    union = np.unique(np.concatenate([u for group in units for u in group]))
-    return UnitPlan(union, units)
+    chosen = np.zeros(table.size, dtype=bool)  # a mask, not np.unique: linear in the layer size
+    for group in units:
+        for u in group:
+            chosen[u] = True
+    union = np.flatnonzero(chosen)
+    where = np.empty(table.size, dtype=np.int64)  # only the union's entries are ever read
+    where[union] = np.arange(union.size)
+    columns = tuple(
+        tuple(slice(0, union.size) if u.size == union.size else where[u] for u in group) for group in units
+    )
+    return UnitPlan(union, units, columns)
 
 
 class GraphBuilder:
