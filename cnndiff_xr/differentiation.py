@@ -38,6 +38,7 @@ from .distance import (
     build_groups,
     check_options,
     iter_distance_blocks,
+    one_block_distances,
     rdm,
 )
 from .sampling import (
@@ -80,15 +81,6 @@ def _pair_values(block_a, block_b, plan, group, stats, rows_a, rows_b, norm, met
     same = rows_a == rows_b
     for d, values in iter_distance_blocks(block_a, block_b, plan, group, stats, rows_a, rows_b, norm, metric):
         yield d, _upper(values, same)
-
-
-def _pair_median(*args: Any) -> np.ndarray:
-    """Exact medians of all draws when the whole set is one row block."""
-    stats: GroupStats = args[4]
-    out = np.empty(len(stats.m))
-    for d, values in _pair_values(*args):
-        out[d] = np.median(values)
-    return out
 
 
 def _pair_upper_values(*args: Any) -> list[np.ndarray]:
@@ -166,6 +158,15 @@ def _median_from_hist(hist: np.ndarray, targets: np.ndarray, n_pairs: int) -> np
     return out
 
 
+def _one_task_values(reduction: str, n_pairs: int, *args: Any) -> np.ndarray:
+    """Median or mean of every draw of a group that fits one row block (one task)."""
+    out = np.empty(args[4])  # n_draws
+    for d, values in one_block_distances(*args):
+        upper = _upper(values, True)
+        out[d] = np.median(upper) if reduction == "median" else upper.sum() / n_pairs
+    return out
+
+
 def _mean(total: np.ndarray, n_pairs: int) -> np.ndarray:
     return total / n_pairs
 
@@ -195,12 +196,11 @@ def reduce_group(
             for a, b in group.pairs()
         ]
 
+    if group.one_task:
+        return graph.add("group-values", index, _one_task_values, reduction, n_pairs, *group.one_task)
     if reduction == "mean":
         total = graph.reduce("pair-sum-total", index, pair_tasks("pair-sum", _pair_sum), sum_parts)
         return graph.add("mean", index, _mean, total, n_pairs)
-    if len(group.blocks) == 1:
-        (values,) = pair_tasks("pair-median", _pair_median)
-        return values
     if n_pairs * n_draws * 8 <= MEDIAN_IN_MEMORY_BYTES:
         return graph.add("median", index, _median_of_parts, pair_tasks("pair-values", _pair_upper_values))
     high = graph.reduce("hist-high-total", index, pair_tasks("hist-high", _pair_hist_high), sum_parts)

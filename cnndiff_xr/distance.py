@@ -104,22 +104,29 @@ _U32 = 2.0**-24
 def row_stats(x: np.ndarray, with_range: bool = True) -> np.ndarray:
     """Per-row sum, centred sum of squares, sum of squares, min and max: ``(5, n)`` float64.
 
-    Sums accumulate in float64 over the float32 (or float64) values without a float64
-    copy. The centred sum of squares is ``q - s^2/m`` (single pass), recomputed two-pass
-    for the rows where that would cancel (mean far above the spread), and exactly 0 for
-    constant rows. ``with_range=False`` skips min and max (NaN), which only the
-    constant-vector rules need (not Euclidean distances under "layer"/"none").
+    No float64 copy of float32 data: sums use numpy's pairwise summation (error
+    ``O(u log m)``), sums of squares float32 dot products of at most
+    :data:`GRAM_BLOCK_COLUMNS` terms added in float64. The centred sum of squares is
+    ``q - s^2/m``, recomputed two-pass for the rows where that would cancel (mean far
+    above the spread), and exactly 0 for constant rows. ``with_range=False`` skips min
+    and max (NaN), which only the constant-vector rules need (not Euclidean distances
+    under "layer"/"none").
     """
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
-    m = x.shape[1]
-    s = x.sum(axis=1, dtype=np.float64)
-    q = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    n, m = x.shape
+    s = x.sum(axis=1).astype(np.float64)
+    whole = m - m % GRAM_BLOCK_COLUMNS
+    tail = x[:, whole:]
+    q = np.einsum("ij,ij->i", tail, tail).astype(np.float64)
+    if whole:
+        blocks = x[:, :whole].reshape(n, -1, GRAM_BLOCK_COLUMNS)
+        q += np.einsum("ijk,ijk->ij", blocks, blocks).sum(axis=1, dtype=np.float64)
     if with_range:
         low, high = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
     else:
-        low = high = np.full(x.shape[0], np.nan)
+        low = high = np.full(n, np.nan)
     css = np.maximum(q - s * s / m, 0.0)
     unsure = css <= 1e-6 * q
     for i in np.flatnonzero(unsure):
@@ -488,8 +495,9 @@ class GroupBlocks:
     index: int  # position of the group in the plan (groups differ only for "top")
     rows: np.ndarray  # global sample rows, in sample order
     bounds: tuple[tuple[int, int], ...]  # row-block ranges within the group
-    blocks: tuple[Any, ...]  # keys -> gathered (rows, union of units) arrays
+    blocks: tuple[Any, ...]  # keys -> row blocks (one (rows, m) array per draw)
     stats: Any  # key -> GroupStats
+    one_task: tuple = ()  # arguments of :func:`one_block_distances` (a single row block)
 
     @property
     def n(self) -> int:
@@ -508,27 +516,28 @@ def _gather(block: np.ndarray, local_rows: np.ndarray, plan: UnitPlan, _check: A
         flat = flat[local_rows]
     if plan.union.size == flat.shape[1]:
         return flat
-    return flat[:, plan.union]  # not np.ix_: ~3x slower on wide rows
+    # np.take keeps rows C-ordered; flat[:, union] comes out column-major, and every later
+    # row-wise pass over it (concatenating, taking each draw) would stride through memory
+    return np.take(flat, plan.union, axis=1, mode="clip")
 
 
-def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int) -> np.ndarray:
-    """A row block from gathered chunks: the group's draws one after the other (see
-    :meth:`UnitPlan.span`), as float32 (float64 data stay float64), converted once here
-    rather than in every statistic and product over it."""
-    rows = np.concatenate([p[i] for p, i in zip(parts, positions)], axis=0)
-    dtype = np.float64 if rows.dtype == np.float64 else np.float32
+def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int) -> list[np.ndarray]:
+    """A row block from gathered chunks: one C-contiguous ``(rows, m)`` array per draw of
+    the group, float32 (float64 data stay float64), converted once here rather than in
+    every statistic and product over it."""
     n_draws = len(plan.units[group if len(plan.units) > 1 else 0])
-    if n_draws == 1 and isinstance(plan.positions(group, 0), slice):
-        return rows.astype(dtype, copy=False)
-    out = np.empty((rows.shape[0], plan.width(group)), dtype=dtype)
+    dtype = np.float64 if parts[0].dtype == np.float64 else np.float32
+    rows = np.concatenate([p[i] for p, i in zip(parts, positions)], axis=0, dtype=dtype)
+    out = []
     for d in range(n_draws):
-        out[:, plan.span(group, d)] = rows[:, plan.positions(group, d)]
+        cols = plan.positions(group, d)
+        out.append(rows[:, cols] if isinstance(cols, slice) else np.take(rows, cols, axis=1, mode="clip"))
     return out
 
 
-def draw_columns(block: np.ndarray, plan: UnitPlan, group: int, d: int) -> np.ndarray:
-    """Draw ``d``'s units in a row block (a view), ``(rows, m)``."""
-    return block[:, plan.span(group, d)]
+def draw_columns(block: list[np.ndarray], plan: UnitPlan, group: int, d: int) -> np.ndarray:
+    """Draw ``d``'s units in a row block, ``(rows, m)``."""
+    return block[d]
 
 
 def _row_stats_task(block: np.ndarray, plan: UnitPlan, group: int, n_draws: int,
@@ -538,7 +547,7 @@ def _row_stats_task(block: np.ndarray, plan: UnitPlan, group: int, n_draws: int,
     for d in range(n_draws):
         x = draw_columns(block, plan, group, d)
         stats.append(row_stats(x, with_range))
-        column_sums.append(x.sum(axis=0, dtype=np.float64))
+        column_sums.append(x.sum(axis=0).astype(np.float64))  # any common shift is exact: no need for more
     return np.stack(stats), column_sums
 
 
@@ -598,6 +607,19 @@ def iter_distance_blocks(
         yield d, (_symmetrise(out) if same else out)
 
 
+def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int,
+                        n_draws: int, norm: str, metric: str, constant: str, layer: str, group_name: str,
+                        names: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+    """Row block, statistics and distances of a group that fits one row block, in one task:
+    the graph's row-block, row-stats, group-stats and pair steps without moving the block
+    between tasks. Yields ``(draw, distances)``."""
+    block = _row_block(parts, positions, plan, group)
+    stats = _group_stats([_row_stats_task(block, plan, group, n_draws, needs_range(norm, metric))], plan, group,
+                         norm, metric, constant, layer, group_name, names)  # fmt: skip
+    rows = (0, block[0].shape[0])
+    yield from iter_distance_blocks(block, block, plan, group, stats, rows, rows, norm, metric)
+
+
 def auto_block_size(width: int, itemsize: int) -> int:
     """Images per row block so one gathered block is about ``ROW_BLOCK_BYTES`` (row blocks
     hold float32 or float64, whatever the stored dtype)."""
@@ -655,7 +677,13 @@ def build_groups(
                                    needs_range(norm, metric)))  # fmt: skip
         stats = graph.add("group-stats", (*index, g), _group_stats, parts, plan, plan_group, norm, metric, constant,
                           layer.name, name, coll.samples[rows])  # fmt: skip
-        out.append(GroupBlocks(name, plan_group, rows, row_ranges, tuple(blocks), stats))
+        one_task = ()
+        if len(row_ranges) == 1:  # whole group in one task, no row block or statistics passed around
+            ks = block_of[np.searchsorted(selected, rows)]
+            order = np.unique(ks)
+            one_task = ([gathered[int(k)] for k in order], [position[rows[ks == k]] for k in order], plan, plan_group,
+                        n_draws, norm, metric, constant, layer.name, name, coll.samples[rows])  # fmt: skip
+        out.append(GroupBlocks(name, plan_group, rows, row_ranges, tuple(blocks), stats, one_task))
     return plan, out
 
 
