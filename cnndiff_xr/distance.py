@@ -442,8 +442,8 @@ def pairwise_distances(
         # One pass: shift by an approximate centroid c (any common vector keeps the
         # distances), Gram, and the layer SD from the shifted rows y = x - c:
         # sum (x - mu)^2 = sum_i |y_i|^2 + 2 (c - mu) . sum_i y_i + n |c - mu|^2.
-        probe = x[np.unique(np.linspace(0, n - 1, min(n, 16)).astype(np.int64))]
-        shift = Shift(common=probe.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+        probe = x[:: max(1, n // 16)][:16]  # a view: up to 16 rows spread over the matrix
+        shift = Shift(common=probe.mean(axis=0).astype(np.float64)).for_dtype(x.dtype)  # any shift is exact
         g, norms, _, column_sums = accurate_gram(x, None, shift, None, metric, norm, with_sums=True)
         if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(column_sums))):
             bad = ~np.all(np.isfinite(x), axis=1)
