@@ -1,9 +1,10 @@
 """Differentiation over a stored corpus vs one read of the store (issue 5).
 
 A VGG16 store (random weights, default layers; float32, the default, and float16) of natural photos and white noise
-is made first; then, on the same embedded LocalCluster, (a) one read: every chunk of every layer decompressed and
-discarded, and (b) differentiation of every layer for 200 and 10,000 units with 10 resamples (plus filter means in
-the same pass). The ratio b/a is the result (target <= 1.5x).
+is made first; then, on the same scheduler, (a) one read: every chunk of every layer decompressed and discarded, and
+(b) differentiation of every layer for 200 and 10,000 units with 10 resamples (plus filter means in the same pass).
+The ratio b/a is the result (target <= 1.5x). Two schedulers: dask's local threads (what ``.compute()`` uses
+without a Client) and the embedded LocalCluster of single-threaded worker processes.
 
     python benchmarks/bench_differentiation.py [--images 48] [--dtype float32 float16] [--store PATH ...]
 """
@@ -23,9 +24,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_info, natural_image_sets  # noqa: E402
 
 
+def run(client, collections) -> float:
+    """Seconds to compute ``collections`` on ``client`` (a distributed Client), or with dask's local threaded
+    scheduler when ``client`` is None (what ``.compute()`` does without a Client)."""
+    import dask
+
+    t0 = time.perf_counter()
+    if client is None:
+        dask.compute(collections, scheduler="threads", num_workers=os.cpu_count())
+    else:
+        client.compute(collections, sync=True)
+    return time.perf_counter() - t0
+
+
 def read_once(tree, client) -> float:
     """Seconds to decompress every chunk of every layer and discard it."""
-    import dask
     import dask.array as da
     import numpy as np
 
@@ -36,10 +49,16 @@ def read_once(tree, client) -> float:
     for layer in tree.attrs["layers"]:
         data = tree[layer]["activation"].data
         parts.append(da.map_blocks(discard, data, dtype=np.int8, chunks=tuple((1,) * len(c) for c in data.chunks)))
-    t0 = time.perf_counter()
-    client.compute(parts, sync=True)
-    del dask
-    return time.perf_counter() - t0
+    return run(client, parts)
+
+
+def measure(cx, tree, client, resamples: int) -> tuple[float, float, float]:
+    read_once(tree, client)  # warm the page cache the same way for every measurement
+    t_read = min(read_once(tree, client) for _ in range(2))
+    t_diff = run(client, cx.differentiation(tree, n_units=[200, 10000], resamples=resamples, seed=0))
+    t_both = run(client, [cx.differentiation(tree, n_units=[200, 10000], resamples=resamples, seed=1),
+                          cx.filter_means(tree)])
+    return t_read, t_diff, t_both
 
 
 def main() -> None:
@@ -57,6 +76,7 @@ def main() -> None:
     rows = []
     try:
         with get_client(None) as client:
+            n_workers = len(client.scheduler_info()["workers"])
             for i, dtype in enumerate(args.dtype):
                 store = args.store[i] if args.store else None
                 if store is None:
@@ -70,24 +90,19 @@ def main() -> None:
                 print(f"corpus: {info['n_images']} images, {len(tree.attrs['layers'])} layers, "
                       f"{tree[tree.attrs['layers'][0]]['activation'].dtype}, "
                       f"{info['uncompressed_bytes'] / 1e9:.2f} GB uncompressed, {info['disk_bytes'] / 1e9:.2f} GB on disk")
-                read_once(tree, client)  # warm the page cache the same way for both measurements
-                t_read = min(read_once(tree, client) for _ in range(2))
-                d = cx.differentiation(tree, n_units=[200, 10000], resamples=args.resamples, seed=0)
-                t0 = time.perf_counter()
-                client.compute(d, sync=True)
-                t_diff = time.perf_counter() - t0
-                both = [cx.differentiation(tree, n_units=[200, 10000], resamples=args.resamples, seed=1),
-                        cx.filter_means(tree)]
-                t0 = time.perf_counter()
-                client.compute(both, sync=True)
-                t_both = time.perf_counter() - t0
-                rows.append((dtype, t_read, t_diff, t_both))
-                print(f"[{dtype}] one read of the store: {t_read:.1f} s; differentiation, all layers, n_units 200 and "
-                      f"10000, {args.resamples} resamples: {t_diff:.1f} s = {t_diff / t_read:.2f}x one read; "
-                      f"+ filter means together: {t_both:.1f} s = {t_both / t_read:.2f}x", flush=True)
-        print("\ndtype    read s  diff s  diff/read  diff+means s  (diff+means)/read")
-        for dtype, t_read, t_diff, t_both in rows:
-            print(f"{dtype:8s} {t_read:6.1f} {t_diff:7.1f} {t_diff / t_read:9.2f}x {t_both:12.1f} {t_both / t_read:12.2f}x")
+                for label, where in (("threads", None), ("processes", client)):
+                    t_read, t_diff, t_both = measure(cx, tree, where, args.resamples)
+                    rows.append((dtype, label, t_read, t_diff, t_both))
+                    print(f"[{dtype}, {label}] one read of the store: {t_read:.1f} s; differentiation, all layers, "
+                          f"n_units 200 and 10000, {args.resamples} resamples: {t_diff:.1f} s = {t_diff / t_read:.2f}x "
+                          f"one read; + filter means together: {t_both:.1f} s = {t_both / t_read:.2f}x", flush=True)
+        print("\nthreads: dask's local threaded scheduler (.compute() without a Client; the CLI without --scheduler)")
+        print(f"processes: the embedded LocalCluster, {n_workers} single-threaded worker "
+              "processes (extraction's layout)")
+        print("dtype    scheduler   read s  diff s  diff/read  diff+means s  (diff+means)/read")
+        for dtype, label, t_read, t_diff, t_both in rows:
+            print(f"{dtype:8s} {label:10s} {t_read:6.1f} {t_diff:7.1f} {t_diff / t_read:9.2f}x {t_both:12.1f} "
+                  f"{t_both / t_read:12.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -101,44 +101,41 @@ DISTANCE_RTOL = 1e-5
 _U32 = 2.0**-24
 
 
-def row_stats(x: np.ndarray, with_range: bool = True) -> np.ndarray:
+def row_stats(x: np.ndarray) -> np.ndarray:
     """Per-row sum, centred sum of squares, sum of squares, min and max: ``(5, n)`` float64.
 
-    No float64 copy of float32 data: sums use numpy's pairwise summation (error
-    ``O(u log m)``), sums of squares float32 dot products of at most
-    :data:`GRAM_BLOCK_COLUMNS` terms added in float64. The centred sum of squares is
-    ``q - s^2/m``, recomputed two-pass for the rows where that would cancel (mean far
-    above the spread), and exactly 0 for constant rows. ``with_range=False`` skips min
-    and max (NaN), which only the constant-vector rules need (not Euclidean distances
-    under "layer"/"none").
+    float64 data: single pass, ``css = q - s^2/m``, recomputed two-pass for the rows where
+    that would cancel (mean far above the spread). float16/float32 data, without a float64
+    copy: sums by numpy's pairwise summation (error ``O(u log m)``); the centred sum of
+    squares two-pass, as float32 dot products of at most :data:`GRAM_BLOCK_COLUMNS` terms of
+    the row minus its mean, added in float64 (a single-pass ``q - s^2/m`` in float32 would
+    lose ``(mean/spread)^2`` of its precision); ``q = css + s^2/m``. Constant rows get
+    ``css = 0`` exactly.
     """
     x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):
+    if x.dtype not in (np.float16, np.float32, np.float64):
         x = x.astype(np.float64)
     n, m = x.shape
-    s = x.sum(axis=1).astype(np.float64)
-    whole = m - m % GRAM_BLOCK_COLUMNS
-    tail = x[:, whole:]
-    q = np.einsum("ij,ij->i", tail, tail).astype(np.float64)
-    if whole:
-        blocks = x[:, :whole].reshape(n, -1, GRAM_BLOCK_COLUMNS)
-        q += np.einsum("ijk,ijk->ij", blocks, blocks).sum(axis=1, dtype=np.float64)
-    if with_range:
-        low, high = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+    low, high = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+    if x.dtype == np.float64:
+        s = x.sum(axis=1)
+        q = np.einsum("ij,ij->i", x, x)
+        css = np.maximum(q - s * s / m, 0.0)
+        for i in np.flatnonzero(css <= 1e-6 * q):
+            centred = x[i] - s[i] / m
+            css[i] = centred @ centred
     else:
-        low = high = np.full(n, np.nan)
-    css = np.maximum(q - s * s / m, 0.0)
-    unsure = css <= 1e-6 * q
-    for i in np.flatnonzero(unsure):
-        centred = x[i].astype(np.float64) - s[i] / m
-        css[i] = centred @ centred
+        s = x.sum(axis=1, dtype=np.float32).astype(np.float64)
+        mean = (s / m).astype(np.float32)[:, None]
+        css = np.zeros(n)
+        width = min(m, GRAM_BLOCK_COLUMNS)
+        buf = np.empty((n, width), np.float32)
+        for lo in range(0, m, width):
+            centred = np.subtract(x[:, lo : lo + width], mean, out=buf[:, : min(width, m - lo)], dtype=np.float32)
+            css += np.einsum("ij,ij->i", centred, centred)
+        q = css + s * s / m
     css[low == high] = 0.0
     return np.stack([s, css, q, low, high])
-
-
-def needs_range(norm: str, metric: str) -> bool:
-    """Whether the constant-vector rules (row min and max) apply to ``(norm, metric)``."""
-    return not (metric == "euclidean" and norm != "image")
 
 
 def pooled_scale(stats: np.ndarray, m: int) -> tuple[float, float]:
@@ -188,24 +185,27 @@ class Shift:
         return Shift(self.common, None if self.rows is None else self.rows[index])
 
     def for_dtype(self, dtype: np.dtype) -> "Shift":
-        """The shift actually applied to data of ``dtype``: float64 data are shifted in
-        float64 (so a large common part cancels before rounding), other data in float32,
-        by float32-rounded values; the float32 and float64 products use the same one."""
+        """The shift actually applied to data of ``dtype``, the same in the float32 and the
+        float64 products. float64 data are shifted in float64 (a large common part cancels
+        before rounding). Other data: a common vector and row offsets are rounded to
+        float32 and subtracted in float32 (exact for any common vector under Euclidean
+        distances; second order for row means); a common scalar (cosine under "layer", where
+        its rounding would be first order) stays float64 and is subtracted in float64."""
         if dtype == np.float64:
             return self
 
         def rounded(v: Any) -> Any:
-            if v is None:
-                return None
-            return float(np.float32(v)) if np.ndim(v) == 0 else np.asarray(v, np.float32).astype(np.float64)
+            return None if v is None else np.asarray(v, np.float32).astype(np.float64)
 
-        return Shift(rounded(self.common), rounded(self.rows))
+        common = self.common if np.ndim(self.common) == 0 else rounded(self.common)
+        return Shift(common, rounded(self.rows))
 
     def apply(self, x: np.ndarray, cols: slice, out: np.ndarray) -> np.ndarray:
         """``out[:] = x[:, cols] - shift`` (``out`` float32), see :meth:`for_dtype`."""
-        common = self.common if np.ndim(self.common) == 0 else self.common[cols]
+        scalar = np.ndim(self.common) == 0
+        common = self.common if scalar else self.common[cols]
         if self.rows is None:
-            work = np.float64 if x.dtype == np.float64 else np.float32
+            work = np.float64 if x.dtype == np.float64 or (scalar and common != 0) else np.float32
             np.subtract(x[:, cols], common, out=out, dtype=work, casting="same_kind")
         elif x.dtype == np.float64:
             out[...] = x[:, cols] - common - self.rows[:, None]
@@ -427,8 +427,10 @@ def pairwise_distances(
 ) -> np.ndarray:
     """All pairwise distances of the rows of an in-memory ``(n, m)`` matrix (Gram-based).
 
-    The same kernel the lazy functions run per block (:func:`accurate_gram`); see the
-    module doc for the norms, metrics and degenerate rows. Returns a symmetric ``(n, n)``
+    The same Gram products the lazy functions run per block (:func:`accurate_gram`); for
+    Euclidean distances under "layer"/"none" the layer SD comes from the same single pass
+    (shifted norms and column sums) instead of :func:`row_stats`. See the module doc for
+    the norms, metrics and degenerate rows. Returns a symmetric ``(n, n)``
     float64 array with a zero diagonal.
     """
     check_options(norm, metric, constant)
@@ -454,7 +456,7 @@ def pairwise_distances(
         sd = float(np.sqrt(max((norms.sum() + 2.0 * dev @ column_sums + n * (dev @ dev)) / (n * m), 0.0)))
         d = distance_block(g, norms, norms, m, norm, metric, sd)
         return _symmetrise(d)
-    stats = row_stats(x, needs_range(norm, metric))
+    stats = row_stats(x)
     mean, sd, degenerate = _check_group(
         stats, m, norm, metric, constant, layer="<array>", group="<array>", names=np.arange(n)
     )
@@ -523,10 +525,10 @@ def _gather(block: np.ndarray, local_rows: np.ndarray, plan: UnitPlan, _check: A
 
 def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int) -> list[np.ndarray]:
     """A row block from gathered chunks: one C-contiguous ``(rows, m)`` array per draw of
-    the group, float32 (float64 data stay float64), converted once here rather than in
-    every statistic and product over it."""
+    the group, float32 (float64 and integer data: float64), converted once here rather than
+    in every statistic and product over it."""
     n_draws = len(plan.units[group if len(plan.units) > 1 else 0])
-    dtype = np.float64 if parts[0].dtype == np.float64 else np.float32
+    dtype = np.float32 if parts[0].dtype in (np.float16, np.float32) else np.float64  # integers: exact
     rows = np.concatenate([p[i] for p, i in zip(parts, positions)], axis=0, dtype=dtype)
     out = []
     for d in range(n_draws):
@@ -535,18 +537,12 @@ def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitP
     return out
 
 
-def draw_columns(block: list[np.ndarray], plan: UnitPlan, group: int, d: int) -> np.ndarray:
-    """Draw ``d``'s units in a row block, ``(rows, m)``."""
-    return block[d]
-
-
-def _row_stats_task(block: np.ndarray, plan: UnitPlan, group: int, n_draws: int,
-                    with_range: bool = True) -> tuple[np.ndarray, list]:  # fmt: skip
+def _row_stats_task(block: list[np.ndarray], n_draws: int) -> tuple[np.ndarray, list]:
     """Row statistics and column sums (for the centroid) of every draw of a row block."""
     stats, column_sums = [], []
     for d in range(n_draws):
-        x = draw_columns(block, plan, group, d)
-        stats.append(row_stats(x, with_range))
+        x = block[d]
+        stats.append(row_stats(x))
         column_sums.append(x.sum(axis=0).astype(np.float64))  # any common shift is exact: no need for more
     return np.stack(stats), column_sums
 
@@ -596,11 +592,11 @@ def iter_distance_blocks(
     same = rows_a == rows_b
     sa, sb = slice(*rows_a), slice(*rows_b)
     for d in range(len(stats.m)) if draws is None else draws:
-        xa, shift_a = draw_columns(block_a, plan, group, d), stats.shift(d, sa, norm, metric)
+        xa, shift_a = block_a[d], stats.shift(d, sa, norm, metric)
         if same:
             xb, shift_b = None, None
         else:
-            xb, shift_b = draw_columns(block_b, plan, group, d), stats.shift(d, sb, norm, metric)
+            xb, shift_b = block_b[d], stats.shift(d, sb, norm, metric)
         g, norms_a, norms_b = accurate_gram(xa, xb, shift_a, shift_b, metric, norm)
         out = distance_block(g, norms_a, norms_b, int(stats.m[d]), norm, metric, float(stats.sd[d]),
                              stats.degenerate[d][sa], stats.degenerate[d][sb])  # fmt: skip
@@ -614,8 +610,8 @@ def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], pl
     the graph's row-block, row-stats, group-stats and pair steps without moving the block
     between tasks. Yields ``(draw, distances)``."""
     block = _row_block(parts, positions, plan, group)
-    stats = _group_stats([_row_stats_task(block, plan, group, n_draws, needs_range(norm, metric))], plan, group,
-                         norm, metric, constant, layer, group_name, names)  # fmt: skip
+    stats = _group_stats([_row_stats_task(block, n_draws)], plan, group, norm, metric, constant, layer, group_name,
+                         names)  # fmt: skip
     rows = (0, block[0].shape[0])
     yield from iter_distance_blocks(block, block, plan, group, stats, rows, rows, norm, metric)
 
@@ -673,8 +669,7 @@ def build_groups(
             order = np.unique(ks)
             blocks.append(graph.add("row-block", (*index, g, b), _row_block, [gathered[int(k)] for k in order],
                                     [position[part_rows[ks == k]] for k in order], plan, plan_group))  # fmt: skip
-            parts.append(graph.add("row-stats", (*index, g, b), _row_stats_task, blocks[-1], plan, plan_group, n_draws,
-                                   needs_range(norm, metric)))  # fmt: skip
+            parts.append(graph.add("row-stats", (*index, g, b), _row_stats_task, blocks[-1], n_draws))
         stats = graph.add("group-stats", (*index, g), _group_stats, parts, plan, plan_group, norm, metric, constant,
                           layer.name, name, coll.samples[rows])  # fmt: skip
         one_task = ()

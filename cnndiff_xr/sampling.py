@@ -415,8 +415,7 @@ class UnitPlan:
 
     A chunk is gathered once, as the union of all draws (sorted: reading it is a forward
     sweep through each image's activations); ``columns`` locate each draw inside the
-    union. Row blocks then lay a group's draws out one after the other (``spans``), so
-    every later pass over a draw reads a contiguous slice.
+    union, from which row blocks take one contiguous array per draw.
     """
 
     union: np.ndarray
@@ -432,15 +431,6 @@ class UnitPlan:
     def positions(self, group: int, d: int) -> Any:
         """Columns of draw ``d`` within the gathered union columns (a slice when contiguous)."""
         return self.columns[self._group(group)][d]
-
-    def span(self, group: int, d: int) -> slice:
-        """Columns of draw ``d`` within a row block of ``group`` (draws one after the other)."""
-        sizes = [u.size for u in self.units[self._group(group)]]
-        lo = int(sum(sizes[:d]))
-        return slice(lo, lo + sizes[d])
-
-    def width(self, group: int) -> int:
-        return int(sum(u.size for u in self.units[self._group(group)]))
 
 
 def make_plan(table: DrawTable, means: np.ndarray | None = None) -> UnitPlan:

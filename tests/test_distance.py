@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
@@ -297,3 +298,22 @@ def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
     calls.clear()
     pairwise_distances(x[3:])  # no near-duplicates left: float32 only
     assert calls == []
+
+
+@pytest.mark.parametrize("norm, metric", [c for c in COMBOS if c != ("none", "cosine")])
+def test_lazy_float32_rows_far_from_zero_stay_within_tolerance(norm, metric):
+    # float32 activations whose mean is 300x their spread: the lazy path's row statistics
+    # (layer SD, row means) must not lose (mean/spread)^2 of their precision
+    rng = np.random.default_rng(5)
+    x = (300.0 + rng.normal(size=(8, 8192))).astype(np.float32)
+    arr = xr.DataArray(da.from_array(x, chunks=(3, 8192)), dims=("image", "unit"), name="offset")
+    got = rdm(arr, n_units=8192, norm=norm, metric=metric, block_size=5).values
+    expected = squareform(reference_distances(x, norm, metric))
+    off = ~np.eye(8, dtype=bool)
+    np.testing.assert_allclose(got[off], expected[off], rtol=DISTANCE_RTOL)
+
+
+def test_lazy_constant_layer_has_zero_distances():
+    x = np.full((6, 5000), 0.1, dtype=np.float32)
+    arr = xr.DataArray(da.from_array(x, chunks=(2, 5000)), dims=("image", "unit"), name="flat")
+    np.testing.assert_array_equal(rdm(arr, n_units=5000, block_size=4).values, 0.0)
