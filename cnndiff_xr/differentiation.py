@@ -77,9 +77,9 @@ def _upper(values: np.ndarray, same: bool) -> np.ndarray:
     return values[np.triu_indices(values.shape[0], 1)] if same else values.ravel()
 
 
-def _pair_values(block_a, block_b, plan, group, stats, rows_a, rows_b, norm, metric):
+def _pair_values(block_a, block_b, stats, rows_a, rows_b, norm, metric):
     same = rows_a == rows_b
-    for d, values in iter_distance_blocks(block_a, block_b, plan, group, stats, rows_a, rows_b, norm, metric):
+    for d, values in iter_distance_blocks(block_a, block_b, stats, rows_a, rows_b, norm, metric):
         yield d, _upper(values, same)
 
 
@@ -91,10 +91,9 @@ def _median_of_parts(parts: list[list[np.ndarray]]) -> np.ndarray:
     return np.array([np.median(np.concatenate([p[d] for p in parts])) for d in range(len(parts[0]))])
 
 
-def _pair_sum(*args: Any) -> np.ndarray:
-    stats: GroupStats = args[4]
+def _pair_sum(block_a, block_b, stats: GroupStats, *rest: Any) -> np.ndarray:
     out = np.zeros(len(stats.m))
-    for d, values in _pair_values(*args):
+    for d, values in _pair_values(block_a, block_b, stats, *rest):
         out[d] = values.sum()
     return out
 
@@ -104,20 +103,18 @@ def _bits(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32).view(np.uint32)
 
 
-def _pair_hist_high(*args: Any) -> np.ndarray:
-    stats: GroupStats = args[4]
+def _pair_hist_high(block_a, block_b, stats: GroupStats, *rest: Any) -> np.ndarray:
     out = np.zeros((len(stats.m), _BINS), dtype=np.int64)
-    for d, values in _pair_values(*args):
+    for d, values in _pair_values(block_a, block_b, stats, *rest):
         out[d] = np.bincount(_bits(values) >> 16, minlength=_BINS)
     return out
 
 
-def _pair_hist_low(targets: np.ndarray, *args: Any) -> np.ndarray:
+def _pair_hist_low(targets: np.ndarray, block_a, block_b, stats: GroupStats, *rest: Any) -> np.ndarray:
     """Per draw and middle rank: low-16-bit histogram within the target high bin, plus the
     count below that bin (counted here, so each pass is self-consistent)."""
-    stats: GroupStats = args[4]
     out = np.zeros((len(stats.m), 2, _BINS + 1), dtype=np.int64)
-    for d, values in _pair_values(*args):
+    for d, values in _pair_values(block_a, block_b, stats, *rest):
         bits = _bits(values)
         high = bits >> 16
         for t in range(2):
@@ -158,10 +155,11 @@ def _median_from_hist(hist: np.ndarray, targets: np.ndarray, n_pairs: int) -> np
     return out
 
 
-def _one_task_values(reduction: str, n_pairs: int, *args: Any) -> np.ndarray:
+def _one_task_values(reduction: str, n_pairs: int, parts, positions, plan, group, n_draws: int, *rest: Any
+                     ) -> np.ndarray:  # fmt: skip
     """Median or mean of every draw of a group that fits one row block (one task)."""
-    out = np.empty(args[4])  # n_draws
-    for d, values in one_block_distances(*args):
+    out = np.empty(n_draws)
+    for d, values in one_block_distances(parts, positions, plan, group, n_draws, *rest):
         upper = _upper(values, True)
         out[d] = np.median(upper) if reduction == "median" else upper.sum() / n_pairs
     return out
@@ -179,7 +177,6 @@ def _expand(values: np.ndarray, index: np.ndarray) -> np.ndarray:
 def reduce_group(
     graph: GraphBuilder,
     group: GroupBlocks,
-    plan: Any,
     n_draws: int,
     norm: str,
     metric: str,
@@ -191,8 +188,8 @@ def reduce_group(
 
     def pair_tasks(stage, func, *extra):
         return [
-            graph.add(stage, (*index, a, b), func, *extra, group.blocks[a], group.blocks[b], plan, group.index,
-                      group.stats, group.bounds[a], group.bounds[b], norm, metric)  # fmt: skip
+            graph.add(stage, (*index, a, b), func, *extra, group.blocks[a], group.blocks[b], group.stats,
+                      group.bounds[a], group.bounds[b], norm, metric)  # fmt: skip
             for a, b in group.pairs()
         ]
 
@@ -303,10 +300,10 @@ def differentiation(
     for li, name in enumerate(layer_names):
         layer = coll.layer(name)
         table = draw_table(layer, n_list, resamples, unit_type, seed, filter_dim)
-        plan, blocks = build_groups(graph, coll, layer, groups, table, norm=norm, metric=metric, constant=constant,
+        blocks = build_groups(graph, coll, layer, groups, table, norm=norm, metric=metric, constant=constant,
                                     block_size=block_size, index=(li,))  # fmt: skip
         for g, group in enumerate(blocks):
-            values = reduce_group(graph, group, plan, len(table.keys), norm, metric, reduction, (li, g))
+            values = reduce_group(graph, group, len(table.keys), norm, metric, reduction, (li, g))
             graph.output((g, li, 0, 0), _expand, values, table.index)
         n_used.append(table.n_used)
         sizes.append(layer.size)
@@ -467,13 +464,11 @@ def stimulus_regression(d: xr.DataArray, input_layer: str | None = None, dim: st
     return xr.Dataset(fit, attrs={"input_layer": source, "n": n, "dim": dim})
 
 
-def _pair_regression_sums(
-    x_a, x_b, x_plan, x_group, x_stats, y_a, y_b, y_plan, y_group, y_stats, rows_a, rows_b, norm, metric
-) -> np.ndarray:
+def _pair_regression_sums(x_a, x_b, x_stats, y_a, y_b, y_stats, rows_a, rows_b, norm, metric) -> np.ndarray:
     """Sums of x, y, x^2, y^2, xy over the i < j pairs of a block pair (x: input layer)."""
     same = rows_a == rows_b
-    ((_, dx),) = iter_distance_blocks(x_a, x_b, x_plan, x_group, x_stats, rows_a, rows_b, norm, metric, [0])
-    ((_, dy),) = iter_distance_blocks(y_a, y_b, y_plan, y_group, y_stats, rows_a, rows_b, norm, metric, [0])
+    ((_, dx),) = iter_distance_blocks(x_a, x_b, x_stats, rows_a, rows_b, norm, metric, [0])
+    ((_, dy),) = iter_distance_blocks(y_a, y_b, y_stats, rows_a, rows_b, norm, metric, [0])
     x, y = _upper(dx, same), _upper(dy, same)
     return np.array([x.sum(), y.sum(), x @ x, y @ y, x @ y])
 
@@ -543,14 +538,13 @@ def rdm_regression(
     for li, (name, table) in enumerate(tables.items()):
         built[name] = build_groups(graph, coll, coll.layer(name), groups, table, norm=norm, metric=metric,
                                    constant=constant, block_size=block_size, index=(li,))  # fmt: skip
-    x_plan, x_groups = built[source]
+    x_groups = built[source]
     for li, name in enumerate(layer_names):
-        y_plan, y_groups = built[name]
+        y_groups = built[name]
         for g, (xg, yg) in enumerate(zip(x_groups, y_groups)):
             parts = [
                 graph.add("pair-regression", (li, g, a, b), _pair_regression_sums,
-                          xg.blocks[a], xg.blocks[b], x_plan, xg.index, xg.stats,
-                          yg.blocks[a], yg.blocks[b], y_plan, yg.index, yg.stats,
+                          xg.blocks[a], xg.blocks[b], xg.stats, yg.blocks[a], yg.blocks[b], yg.stats,
                           xg.bounds[a], xg.bounds[b], norm, metric)  # fmt: skip
                 for a, b in xg.pairs()
             ]

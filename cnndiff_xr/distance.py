@@ -201,13 +201,15 @@ class Shift:
         return Shift(common, rounded(self.rows))
 
     def apply(self, x: np.ndarray, cols: slice, out: np.ndarray) -> np.ndarray:
-        """``out[:] = x[:, cols] - shift`` (``out`` float32), see :meth:`for_dtype`."""
+        """``out[:] = x[:, cols] - shift``: into a float32 ``out`` as :meth:`for_dtype` says,
+        into a float64 ``out`` in float64 (the exact products)."""
         scalar = np.ndim(self.common) == 0
         common = self.common if scalar else self.common[cols]
+        in_float64 = x.dtype == np.float64 or out.dtype == np.float64
         if self.rows is None:
-            work = np.float64 if x.dtype == np.float64 or (scalar and common != 0) else np.float32
+            work = np.float64 if in_float64 or (scalar and common != 0) else np.float32
             np.subtract(x[:, cols], common, out=out, dtype=work, casting="same_kind")
-        elif x.dtype == np.float64:
+        elif in_float64:
             out[...] = x[:, cols] - common - self.rows[:, None]
         else:
             np.subtract(x[:, cols], common, out=out, dtype=np.float32)
@@ -250,7 +252,7 @@ def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift |
     width = min(m, GRAM_BLOCK_COLUMNS)
     buf_a = np.empty((na, width), np.float32)
     buf_b = None if same else np.empty((nb, width), np.float32)
-    ones = np.ones(na, np.float32)
+    ones = np.ones(na, np.float32) if with_sums else None
     for lo in range(0, m, width):
         cols = slice(lo, min(lo + width, m))
         ya = shift_a.apply(xa, cols, buf_a[:, : cols.stop - lo])
@@ -275,10 +277,7 @@ def exact_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: S
     """:func:`gram` in float64 throughout (the fallback for ill-conditioned pairs)."""
 
     def shifted(x, shift):
-        shift = shift.for_dtype(x.dtype)
-        common = shift.common
-        y = np.asarray(x, dtype=np.float64) - (common if np.ndim(common) == 0 else common[None, :])
-        return y if shift.rows is None else y - shift.rows[:, None]
+        return shift.for_dtype(x.dtype).apply(x, slice(None), np.empty(x.shape, np.float64))
 
     ya = shifted(xa, shift_a)
     yb = ya if xb is None else shifted(xb, shift_b)
@@ -579,10 +578,8 @@ def _group_stats(
 
 
 def iter_distance_blocks(
-    block_a: np.ndarray,
-    block_b: np.ndarray,
-    plan: UnitPlan,
-    group: int,
+    block_a: list[np.ndarray],
+    block_b: list[np.ndarray],
     stats: GroupStats,
     rows_a: tuple[int, int],
     rows_b: tuple[int, int],
@@ -615,7 +612,7 @@ def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], pl
     stats = _group_stats([_row_stats_task(block, n_draws)], plan, group, norm, metric, constant, layer, group_name,
                          names)  # fmt: skip
     rows = (0, block[0].shape[0])
-    yield from iter_distance_blocks(block, block, plan, group, stats, rows, rows, norm, metric)
+    yield from iter_distance_blocks(block, block, stats, rows, rows, norm, metric)
 
 
 def auto_block_size(width: int, itemsize: int) -> int:
@@ -636,12 +633,12 @@ def build_groups(
     constant: str,
     block_size: int | None,
     index: tuple = (),
-) -> tuple[Any, list[GroupBlocks]]:
+) -> list[GroupBlocks]:
     """Add a layer's gathered row blocks and group statistics to ``graph``.
 
     Each image chunk of the layer is read by exactly one task, which gathers the union of
     the units of all draws (all ``n_units`` values and resamples) for all groups. Returns
-    the key of the :class:`UnitPlan` and one :class:`GroupBlocks` per group.
+    one :class:`GroupBlocks` per group.
     """
     plan = plan_for(graph, table, layer, list(groups.values()), index)
     selected = np.unique(np.concatenate(list(groups.values())))
@@ -664,39 +661,35 @@ def build_groups(
     for g, (name, rows) in enumerate(groups.items()):
         plan_group = g if table.unit_type == "top" else 0
         row_ranges = tuple((lo, min(lo + size, rows.size)) for lo in range(0, rows.size, size))
-        blocks, parts = [], []
+        blocks, parts, sources = [], [], []
         for b, (lo, hi) in enumerate(row_ranges):
             part_rows = rows[lo:hi]
             ks = block_of[np.searchsorted(selected, part_rows)]
             order = np.unique(ks)
-            blocks.append(graph.add("row-block", (*index, g, b), _row_block, [gathered[int(k)] for k in order],
-                                    [position[part_rows[ks == k]] for k in order], plan, plan_group))  # fmt: skip
+            sources.append(([gathered[int(k)] for k in order], [position[part_rows[ks == k]] for k in order]))
+            blocks.append(graph.add("row-block", (*index, g, b), _row_block, *sources[-1], plan, plan_group))
             parts.append(graph.add("row-stats", (*index, g, b), _row_stats_task, blocks[-1], n_draws))
         stats = graph.add("group-stats", (*index, g), _group_stats, parts, plan, plan_group, norm, metric, constant,
                           layer.name, name, coll.samples[rows])  # fmt: skip
         one_task = ()
         if len(row_ranges) == 1:  # whole group in one task, no row block or statistics passed around
-            ks = block_of[np.searchsorted(selected, rows)]
-            order = np.unique(ks)
-            one_task = ([gathered[int(k)] for k in order], [position[rows[ks == k]] for k in order], plan, plan_group,
-                        n_draws, norm, metric, constant, layer.name, name, coll.samples[rows])  # fmt: skip
+            one_task = (*sources[0], plan, plan_group, n_draws, norm, metric, constant, layer.name, name,
+                        coll.samples[rows])  # fmt: skip
         out.append(GroupBlocks(name, plan_group, rows, row_ranges, tuple(blocks), stats, one_task))
-    return plan, out
+    return out
 
 
 # --------------------------------------------------------------------------- RDM
 def _rdm_block(
-    block_a: np.ndarray,
-    block_b: np.ndarray,
-    plan: UnitPlan,
-    group: int,
+    block_a: list[np.ndarray],
+    block_b: list[np.ndarray],
     stats: GroupStats,
     rows_a: tuple[int, int],
     rows_b: tuple[int, int],
     norm: str,
     metric: str,
 ) -> np.ndarray:
-    ((_, out),) = iter_distance_blocks(block_a, block_b, plan, group, stats, rows_a, rows_b, norm, metric, [0])
+    ((_, out),) = iter_distance_blocks(block_a, block_b, stats, rows_a, rows_b, norm, metric, [0])
     return out
 
 
@@ -765,15 +758,15 @@ def rdm(
     table = draw_table(data, (n,), [resample], unit_type, seed, filter_dim)
     label = "+".join(coll.rows(sets)) if sets is not None else "all images"
     graph = GraphBuilder(f"rdm-{tokenize(data.data.name, rows, table, norm, metric, constant, block_size)}")
-    plan, (group,) = build_groups(
+    (group,) = build_groups(
         graph, coll, data, {label: rows}, table, norm=norm, metric=metric, constant=constant, block_size=block_size
     )
     nb = len(group.blocks)
     for a in range(nb):
         for b in range(nb):
             if a <= b:
-                graph.output((a, b), _rdm_block, group.blocks[a], group.blocks[b], plan, group.index, group.stats,
-                             group.bounds[a], group.bounds[b], norm, metric)  # fmt: skip
+                graph.output((a, b), _rdm_block, group.blocks[a], group.blocks[b], group.stats, group.bounds[a],
+                             group.bounds[b], norm, metric)  # fmt: skip
             else:
                 graph.output((a, b), np.transpose, (graph.name, b, a))
     sizes = tuple(hi - lo for lo, hi in group.bounds)
