@@ -14,6 +14,7 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 
+import dask
 import numpy as np
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
@@ -31,6 +32,17 @@ WORKER_ENV = {
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
 }
 
+# glibc malloc settings for the worker processes this package starts. Without them, every buffer over 32 MiB (a
+# decompressed or encoded chunk, a layer's output: tens of MB each) is a fresh mmap, paid for by a page fault on each
+# of its 4 KiB pages and unmapped when freed; on the development VM those faults cost 0.4-2 ns per byte, about as much
+# as decompressing it (benchmarks/RESULTS.md). Served from the heap instead, the same memory is reused from one chunk
+# to the next. Worker RSS then stays near its peak instead of falling back after each task. glibc reads these when
+# the process starts, so they go through distributed's pre-spawn environment (its own default there,
+# MALLOC_TRIM_THRESHOLD_=65536, trims after every free); other C libraries ignore them.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20),
+}
 
 #: Schemes of Dask scheduler addresses ("tcp://10.0.0.5:8786"); an address without a scheme means tcp.
 ADDRESS_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
@@ -87,10 +99,12 @@ def get_client(
                          f"(0: no limit), got {memory_limit!r}")
     workers = n_workers or default_n_workers()
     kwargs = {"env": WORKER_ENV} if processes else {}
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, memory_limit=memory_limit,
-                      dashboard_address=":0", silence_logs=logging.ERROR, **kwargs) as cluster:
-        with Client(cluster) as local_client:
-            yield local_client
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **MALLOC_ENV}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, memory_limit=memory_limit,
+                               dashboard_address=":0", silence_logs=logging.ERROR, **kwargs)
+    with cluster, Client(cluster) as local_client:
+        yield local_client
 
 
 class ModelPlugin(WorkerPlugin):

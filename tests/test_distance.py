@@ -317,3 +317,31 @@ def test_lazy_constant_layer_has_zero_distances():
     x = np.full((6, 5000), 0.1, dtype=np.float32)
     arr = xr.DataArray(da.from_array(x, chunks=(2, 5000)), dims=("image", "unit"), name="flat")
     np.testing.assert_array_equal(rdm(arr, n_units=5000, block_size=4).values, 0.0)
+
+
+def test_half_to_float_is_bit_identical_to_numpy_cast():
+    # every float16 bit pattern: zeros of both signs, subnormals, normals, infinities, NaN payloads
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    got = distance_module.half_to_float(every)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    assert np.array_equal(got.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    strided = every[::3, 1::2]  # not contiguous
+    assert np.array_equal(distance_module.half_to_float(strided).view(np.uint32),
+                          strided.astype(np.float32).view(np.uint32))
+
+
+def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.normal(size=(30, 2000)), 0).astype(np.float16)  # ReLU-like: about half zeros
+    arr = xr.DataArray(da.from_array(x, chunks=(7, -1)), dims=("image", "unit"), name="relu")
+    from cnndiff_xr.sampling import draw_units
+
+    units = draw_units((2000,), 500, seed=0, layer="relu")
+    cases = [("layer", "euclidean"), ("image", "correlation"), ("none", "cosine")]
+    by_table = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
+    monkeypatch.setattr(distance_module, "half_to_float", lambda a: a.astype(np.float32))
+    by_cast = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
+    for (norm, metric), a, b in zip(cases, by_table, by_cast):
+        assert np.array_equal(a, b), (norm, metric)
+        reference = squareform(reference_distances(x.astype(np.float64)[:, units], norm, metric))
+        np.testing.assert_allclose(a, reference, rtol=DISTANCE_RTOL, atol=1e-12)
