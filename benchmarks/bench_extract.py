@@ -59,8 +59,9 @@ def free_memory() -> int:
 
 
 def fill_page_cache(path: Path, leave: int = 512 * 2**20) -> int:
-    """Write and sync a scratch file of (free memory - ``leave``) bytes, so that free memory is page cache; returns
-    its size. The caller deletes it when done (deleting returns the memory to the free pool)."""
+    """Write and sync a scratch file of (free memory - ``leave``) bytes, so that most free memory becomes page cache;
+    returns its size. One pass, not "until free memory is low": the kernel frees memory of its own as the file grows
+    and keeps ~2 GiB free on the development VM. The caller deletes the file when done."""
     size = max(0, free_memory() - leave)
     block = bytes(64 * 2**20)
     with open(path, "wb") as f:

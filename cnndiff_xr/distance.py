@@ -442,21 +442,11 @@ def pairwise_distances(
         x = x.astype(np.float64)
     n, m = x.shape
     if metric == "euclidean" and norm != "image":
-        # One pass: shift by an approximate centroid c (any common vector keeps the
-        # distances), Gram, and the layer SD from the shifted rows y = x - c:
-        # sum (x - mu)^2 = sum_i |y_i|^2 + 2 (c - mu) . sum_i y_i + n |c - mu|^2.
-        probe = x[:: max(1, n // 16)][:16]  # a view: up to 16 rows spread over the matrix
-        shift = Shift(common=probe.mean(axis=0).astype(np.float64)).for_dtype(x.dtype)  # any shift is exact
-        g, norms, _, column_sums = accurate_gram(x, None, shift, None, metric, norm, with_sums=True)
-        if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(column_sums))):
+        d = one_pass_euclidean(x, norm)
+        if d is None:
             bad = ~np.all(np.isfinite(x), axis=1)
             raise ValueError(f"non-finite values in {int(bad.sum())} row(s) (e.g. rows {list(np.flatnonzero(bad)[:3])})")
-        offset = shift.common
-        mean = (column_sums.sum() / n + offset.sum()) / m
-        dev = offset - mean
-        sd = float(np.sqrt(max((norms.sum() + 2.0 * dev @ column_sums + n * (dev @ dev)) / (n * m), 0.0)))
-        d = distance_block(g, norms, norms, m, norm, metric, sd)
-        return _symmetrise(d)
+        return d
     stats = row_stats(x)
     mean, sd, degenerate = _check_group(
         stats, m, norm, metric, constant, layer="<array>", group="<array>", names=np.arange(n)
@@ -465,6 +455,28 @@ def pairwise_distances(
     g, norms, _ = accurate_gram(x, None, shift, None, metric, norm)
     d = distance_block(g, norms, norms, m, norm, metric, sd, degenerate, degenerate)
     return _symmetrise(d)
+
+
+def one_pass_euclidean(x: np.ndarray, norm: str) -> np.ndarray | None:
+    """Euclidean distances of the rows of ``x`` under ``norm`` "layer" or "none" in one pass
+    over the data, without :func:`row_stats`; ``None`` when some value is not finite.
+
+    Shift by an approximate centroid ``c`` (any common vector keeps the distances; a few
+    rows' mean removes the common part), one Gram product, and the layer SD from the same
+    pass: shifted norms and column sums of ``y = x - c``, as
+    ``sum (x - mu)^2 = sum_i |y_i|^2 + 2 (c - mu) . sum_i y_i + n |c - mu|^2``.
+    """
+    n, m = x.shape
+    probe = x[:: max(1, n // 16)][:16]  # a view: up to 16 rows spread over the matrix
+    shift = Shift(common=probe.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+    g, norms, _, column_sums = accurate_gram(x, None, shift, None, "euclidean", norm, with_sums=True)
+    if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(column_sums))):
+        return None
+    offset = shift.common
+    mean = (column_sums.sum() / n + offset.sum()) / m
+    dev = offset - mean
+    sd = float(np.sqrt(max((norms.sum() + 2.0 * dev @ column_sums + n * (dev @ dev)) / (n * m), 0.0)))
+    return _symmetrise(distance_block(g, norms, norms, m, norm, "euclidean", sd))
 
 
 def _symmetrise(d: np.ndarray) -> np.ndarray:
@@ -625,6 +637,16 @@ def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], pl
     the graph's row-block, row-stats, group-stats and pair steps without moving the block
     between tasks. Yields ``(draw, distances)``."""
     block = _row_block(parts, positions, plan, group)
+    if metric == "euclidean" and norm != "image":
+        # the whole group is here: no row statistics needed (the SD comes out of the Gram pass)
+        for d in range(n_draws):
+            out = one_pass_euclidean(block[d], norm)
+            if out is None:
+                bad = ~np.all(np.isfinite(block[d]), axis=1)
+                raise ValueError(f"layer {layer!r}, set {group_name!r}: non-finite activations in {int(bad.sum())} "
+                                 f"image(s) (e.g. {list(names[bad][:3])})")
+            yield d, out
+        return
     stats = _group_stats([_row_stats_task(block, n_draws)], plan, group, norm, metric, constant, layer, group_name,
                          names)  # fmt: skip
     rows = (0, block[0].shape[0])
@@ -709,6 +731,11 @@ def _rdm_block(
     return out
 
 
+def _one_block_rdm(*one_task: Any) -> np.ndarray:
+    ((_, out),) = one_block_distances(*one_task)
+    return out
+
+
 def rdm(
     tree: Any,
     layer: str | None = None,
@@ -780,7 +807,9 @@ def rdm(
     nb = len(group.blocks)
     for a in range(nb):
         for b in range(nb):
-            if a <= b:
+            if group.one_task:  # the same single task as differentiation's: the same numbers
+                graph.output((0, 0), _one_block_rdm, *group.one_task)
+            elif a <= b:
                 graph.output((a, b), _rdm_block, group.blocks[a], group.blocks[b], group.stats, group.bounds[a],
                              group.bounds[b], norm, metric)  # fmt: skip
             else:
