@@ -96,9 +96,9 @@ def main() -> None:
                     print(f"[{dtype}, {label}] one read of the store: {t_read:.1f} s; differentiation, all layers, "
                           f"n_units 200 and 10000, {args.resamples} resamples: {t_diff:.1f} s = {t_diff / t_read:.2f}x "
                           f"one read; + filter means together: {t_both:.1f} s = {t_both / t_read:.2f}x", flush=True)
-        print("\nthreads: dask's local threaded scheduler (.compute() without a Client; the CLI without --scheduler)")
+        print("\nthreads: dask's local threaded scheduler (what .compute() uses without a Client)")
         print(f"processes: the embedded LocalCluster, {n_workers} single-threaded worker "
-              "processes (extraction's layout)")
+              "processes (extraction's layout; the CLI's default without --scheduler)")
         print("dtype    scheduler   read s  diff s  diff/read  diff+means s  (diff+means)/read")
         for dtype, label, t_read, t_diff, t_both in rows:
             print(f"{dtype:8s} {label:10s} {t_read:6.1f} {t_diff:7.1f} {t_diff / t_read:9.2f}x {t_both:12.1f} "
