@@ -41,7 +41,7 @@ WORKER_ENV = {
 # MALLOC_TRIM_THRESHOLD_=65536, trims after every free); other C libraries ignore them.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(512 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
 }
 
 #: Schemes of Dask scheduler addresses ("tcp://10.0.0.5:8786"); an address without a scheme means tcp.
