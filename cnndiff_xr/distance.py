@@ -538,16 +538,27 @@ def _gather(block: np.ndarray, local_rows: np.ndarray, plan: UnitPlan, _check: A
 
 #: every float16 bit pattern's float32 value (256 KiB), for :func:`half_to_float`
 _HALF_TO_FLOAT = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_HALF_PIECE = 2**15  # values converted at a time by :func:`half_to_float` (a 256 KiB intp index)
 
 
 def half_to_float(x: np.ndarray) -> np.ndarray:
     """float16 -> float32, bit-identical to ``x.astype(np.float32)``, by table lookup.
 
     numpy's cast branches on each value (zero, subnormal, normal, inf/nan) with no SIMD path;
-    on ReLU activations, about half zeros in no predictable order, it runs at ~3 ns per value.
-    A lookup is branch-free: ~1.4 ns (benchmarks/RESULTS.md).
+    on ReLU activations, about half zeros in no predictable order, it runs at ~3.5 ns per
+    value. A lookup is branch-free. It runs in cache-sized pieces because ``np.take`` first
+    copies its indices to intp, 8 bytes per value: over a whole block that temporary costs
+    more than the lookup (~1.8 ns per value in pieces; benchmarks/RESULTS.md).
     """
-    return np.take(_HALF_TO_FLOAT, np.ascontiguousarray(x).view(np.uint16))
+    bits = np.ascontiguousarray(x).view(np.uint16).reshape(-1)
+    out = np.empty(bits.size, np.float32)
+    piece = max(1, min(bits.size, _HALF_PIECE))
+    index = np.empty(piece, np.intp)
+    for lo in range(0, bits.size, piece):
+        n = min(piece, bits.size - lo)
+        index[:n] = bits[lo : lo + n]
+        np.take(_HALF_TO_FLOAT, index[:n], out=out[lo : lo + n])
+    return out.reshape(np.shape(x))
 
 
 def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int) -> list[np.ndarray]:

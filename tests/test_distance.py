@@ -319,12 +319,18 @@ def test_lazy_constant_layer_has_zero_distances():
     np.testing.assert_array_equal(rdm(arr, n_units=5000, block_size=4).values, 0.0)
 
 
+def half_to_float_shape_kept(shape):
+    got = distance_module.half_to_float(np.zeros(shape, np.float16))
+    return got.shape == shape and got.dtype == np.float32
+
+
 def test_half_to_float_is_bit_identical_to_numpy_cast():
     # every float16 bit pattern: zeros of both signs, subnormals, normals, infinities, NaN payloads
     every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
     got = distance_module.half_to_float(every)
     assert got.dtype == np.float32 and got.shape == every.shape
     assert np.array_equal(got.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    assert half_to_float_shape_kept((0, 3)) and half_to_float_shape_kept((2, 0))
     strided = every[::3, 1::2]  # not contiguous
     assert np.array_equal(distance_module.half_to_float(strided).view(np.uint32),
                           strided.astype(np.float32).view(np.uint32))
