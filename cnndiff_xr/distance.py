@@ -45,6 +45,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
 
+import dask
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
@@ -62,9 +63,12 @@ from .sampling import (
     block_keys,
     check_choice,
     check_completed,
+    completed_check,
     check_count,
     check_n_units,
     draw_table,
+    make_plan,
+    needs_unit_means,
     plan_for,
 )
 
@@ -561,6 +565,14 @@ def half_to_float(x: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(x))
 
 
+def _gather_in_read(block: np.ndarray, plan: UnitPlan, _check: Any, selected: np.ndarray,
+                    block_info: dict | None = None) -> np.ndarray:
+    """:func:`_gather` of the ``selected`` rows that fall in this block (``map_blocks``)."""
+    lo, hi = block_info[0]["array-location"][0]
+    rows = selected[(selected >= lo) & (selected < hi)] - lo
+    return _gather(block, rows, plan)
+
+
 def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int) -> list[np.ndarray]:
     """A row block from gathered chunks: one C-contiguous ``(rows, m)`` array per draw of
     the group, float32 (float64 and integer data: float64), converted once here rather than
@@ -689,19 +701,36 @@ def build_groups(
     the units of all draws (all ``n_units`` values and resamples) for all groups. Returns
     one :class:`GroupBlocks` per group.
     """
-    plan = plan_for(graph, table, layer, list(groups.values()), index)
     selected = np.unique(np.concatenate(list(groups.values())))
-    check = check_completed(graph, coll, selected, index)
-    graph.depend(layer.data)
-    chunk_keys = block_keys(layer.data)
     bounds = layer.block_bounds()
     block_of = np.searchsorted(bounds, selected, side="right") - 1
-    gathered: dict[int, Any] = {}
     position = np.full(bounds[-1], -1, dtype=np.int64)
     for k in np.unique(block_of):
-        rows = selected[block_of == k]
-        position[rows] = np.arange(rows.size)
-        gathered[int(k)] = graph.add("gather", (*index, int(k)), _gather, chunk_keys[k], rows - bounds[k], plan, check)
+        position[selected[block_of == k]] = np.arange(int(np.sum(block_of == k)))
+    if needs_unit_means(table):
+        plan = plan_for(graph, table, layer, list(groups.values()), index)
+        check = check_completed(graph, coll, selected, index)
+        graph.depend(layer.data)
+        chunk_keys = block_keys(layer.data)
+        gathered = {
+            int(k): graph.add("gather", (*index, int(k)), _gather, chunk_keys[k], selected[block_of == k] - bounds[k],
+                              plan, check)  # fmt: skip
+            for k in np.unique(block_of)
+        }
+    else:
+        # The plan needs no data: gather as an array operation on the layer, which dask fuses with
+        # the chunk reads (one task per chunk that decompresses, gathers and drops the chunk, as a
+        # plain read does; a separate gather task kept each whole chunk in memory until it ran)
+        plan_delayed = dask.delayed(make_plan, pure=True)(table)
+        gathered_array = layer.data.map_blocks(
+            _gather_in_read, plan_delayed, completed_check(coll, selected), selected,
+            dtype=layer.data.dtype, meta=np.empty((0,) * layer.data.ndim, layer.data.dtype),
+        )  # fmt: skip
+        graph.depend(gathered_array)
+        graph.depend(plan_delayed)
+        plan = plan_delayed.key
+        keys = block_keys(gathered_array)
+        gathered = {int(k): keys[k] for k in np.unique(block_of)}
 
     n_draws = len(table.keys)
     width = sum(min(n, layer.size) for n, _ in table.keys)  # a row block: one group's draws

@@ -21,6 +21,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -334,6 +335,17 @@ def check_completed(graph: "GraphBuilder", coll: Collection, rows: np.ndarray, i
                      coll.samples[rows])  # fmt: skip
 
 
+def completed_check(coll: Collection, rows: np.ndarray) -> Any:
+    """:func:`check_completed` as a ``dask.delayed`` object (or ``None``), for tasks built outside a
+    :class:`GraphBuilder` (array operations such as ``map_blocks``)."""
+    if coll.completed is None:
+        return None
+    if isinstance(coll.completed, np.ndarray):
+        _raise_incomplete(coll.completed[rows], coll.samples[rows])
+        return None
+    return dask.delayed(_raise_incomplete, pure=True)(coll.completed[rows], coll.samples[rows])
+
+
 def _raise_incomplete_parts(parts: list[np.ndarray], names: np.ndarray) -> None:
     _raise_incomplete(np.concatenate(parts), names)
 
@@ -556,10 +568,15 @@ def group_unit_means(graph: GraphBuilder, layer: LayerData, groups: Sequence[np.
     return graph.add("unit-means", index, _divide_rows, total, [len(rows) for rows in groups])
 
 
+def needs_unit_means(table: DrawTable) -> bool:
+    """Whether the draws depend on the data (``"top"`` units of fewer than all units)."""
+    return table.unit_type == "top" and any(n < table.size for n, _ in table.keys)
+
+
 def plan_for(graph: GraphBuilder, table: DrawTable, layer: LayerData, groups: Sequence[np.ndarray],
              index: tuple) -> tuple:  # fmt: skip
     """Key of the layer's :class:`UnitPlan` (``"top"``: after a pass for the unit means)."""
-    if table.unit_type == "top" and any(n < table.size for n, _ in table.keys):
+    if needs_unit_means(table):
         return graph.add("plan", index, make_plan, table, group_unit_means(graph, layer, groups, index))
     return graph.add("plan", index, make_plan, table)
 
