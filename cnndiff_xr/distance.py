@@ -545,24 +545,32 @@ _HALF_TO_FLOAT = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.fl
 _HALF_PIECE = 2**15  # values converted at a time by :func:`half_to_float` (a 256 KiB intp index)
 
 
-def half_to_float(x: np.ndarray) -> np.ndarray:
-    """float16 -> float32, bit-identical to ``x.astype(np.float32)``, by table lookup.
+def half_to_float(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float16 -> float32 (into ``out`` if given), bit-identical to ``x.astype(np.float32)``, by
+    table lookup.
 
     numpy's cast branches on each value (zero, subnormal, normal, inf/nan) with no SIMD path;
     on ReLU activations, about half zeros in no predictable order, it runs at ~3.5 ns per
     value. A lookup is branch-free. It runs in cache-sized pieces because ``np.take`` first
     copies its indices to intp, 8 bytes per value: over a whole block that temporary costs
-    more than the lookup (~1.8 ns per value in pieces; benchmarks/RESULTS.md).
+    more than the lookup (~1.8 ns per value in pieces; benchmarks/RESULTS.md). A 2-d ``x``
+    (say a column slice of a row block) is converted row by row, without a contiguous copy.
     """
-    bits = np.ascontiguousarray(x).view(np.uint16).reshape(-1)
-    out = np.empty(bits.size, np.float32)
-    piece = max(1, min(bits.size, _HALF_PIECE))
-    index = np.empty(piece, np.intp)
-    for lo in range(0, bits.size, piece):
-        n = min(piece, bits.size - lo)
-        index[:n] = bits[lo : lo + n]
-        np.take(_HALF_TO_FLOAT, index[:n], out=out[lo : lo + n])
-    return out.reshape(np.shape(x))
+    x = np.asarray(x)
+    if out is None:
+        out = np.empty(x.shape, np.float32)
+    if not out.flags.c_contiguous or out.shape != x.shape:
+        raise ValueError("half_to_float: out must be C-contiguous and of x's shape")
+    bits = x.view(np.uint16)  # same item size: a view even of a strided x
+    if x.ndim == 2 and x.shape[1]:  # whole rows at a time (a column slice needs no copy)
+        step = max(1, _HALF_PIECE // x.shape[1])
+        for lo in range(0, x.shape[0], step):
+            np.take(_HALF_TO_FLOAT, bits[lo : lo + step], out=out[lo : lo + step])
+        return out
+    bits, flat = bits.reshape(-1), out.reshape(-1)
+    for lo in range(0, bits.size, _HALF_PIECE):
+        np.take(_HALF_TO_FLOAT, bits[lo : lo + _HALF_PIECE], out=flat[lo : lo + _HALF_PIECE])
+    return out
 
 
 def _gather_in_read(block: np.ndarray, plan: UnitPlan, _check: Any, selected: np.ndarray,

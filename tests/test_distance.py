@@ -334,6 +334,11 @@ def test_half_to_float_is_bit_identical_to_numpy_cast():
     strided = every[::3, 1::2]  # not contiguous
     assert np.array_equal(distance_module.half_to_float(strided).view(np.uint32),
                           strided.astype(np.float32).view(np.uint32))
+    out = np.full((every.shape[0], 100), np.nan, np.float32)
+    assert distance_module.half_to_float(every[:, 50:150], out) is out  # a column slice, into a given array
+    assert np.array_equal(out.view(np.uint32), every[:, 50:150].astype(np.float32).view(np.uint32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        distance_module.half_to_float(every[:, :10], np.empty((256, 20), np.float32)[:, ::2])
 
 
 def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
@@ -345,7 +350,13 @@ def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
     units = draw_units((2000,), 500, seed=0, layer="relu")
     cases = [("layer", "euclidean"), ("image", "correlation"), ("none", "cosine")]
     by_table = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
-    monkeypatch.setattr(distance_module, "half_to_float", lambda a: a.astype(np.float32))
+    def numpy_cast(a, out=None):
+        if out is None:
+            return a.astype(np.float32)
+        out[...] = a
+        return out
+
+    monkeypatch.setattr(distance_module, "half_to_float", numpy_cast)
     by_cast = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
     for (norm, metric), a, b in zip(cases, by_table, by_cast):
         assert np.array_equal(a, b), (norm, metric)
