@@ -36,12 +36,15 @@ WORKER_ENV = {
 # decompressed or encoded chunk, a layer's output: tens of MB each) is a fresh mmap, paid for by a page fault on each
 # of its 4 KiB pages and unmapped when freed; on the development VM those faults cost 0.4-2 ns per byte, about as much
 # as decompressing it (benchmarks/RESULTS.md). Served from the heap instead, the same memory is reused from one chunk
-# to the next. Worker RSS then stays near its peak instead of falling back after each task. glibc reads these when
-# the process starts, so they go through distributed's pre-spawn environment (its own default there,
-# MALLOC_TRIM_THRESHOLD_=65536, trims after every free); other C libraries ignore them.
+# to the next. Two arenas (not 8 per core) keep the threads that decode and write chunks from each holding their own
+# retained heap: peak worker RSS in benchmarks/bench_out_of_core.py was 410 MiB without these settings, ~690 MiB
+# with the first two alone, 453 MiB with all three, at the same speed. glibc reads these when the process starts, so
+# they go through distributed's pre-spawn environment (its own default there, MALLOC_TRIM_THRESHOLD_=65536, trims
+# after every free); other C libraries ignore them.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(128 * 2**20),
+    "MALLOC_ARENA_MAX": "2",
 }
 
 #: Schemes of Dask scheduler addresses ("tcp://10.0.0.5:8786"); an address without a scheme means tcp.
