@@ -51,25 +51,24 @@ import xarray as xr
 from dask.base import tokenize
 
 from .sampling import (
-    sum_parts,
-    UNIT_TYPES,
     Collection,
     DrawTable,
     GraphBuilder,
     LayerData,
+    UNIT_TYPES,
     UnitPlan,
     UnitType,
     as_collection,
     block_keys,
     check_choice,
-    check_completed,
-    completed_check,
     check_count,
     check_n_units,
+    completed_check,
     draw_table,
     make_plan,
     needs_unit_means,
     plan_for,
+    sum_parts,
 )
 
 __all__ = ["NORMS", "METRICS", "CONSTANT_POLICIES", "pairwise_distances", "rdm"]
@@ -394,6 +393,11 @@ def distance_block(
     return out
 
 
+def _non_finite(bad: np.ndarray, layer: str, group: str, names: np.ndarray) -> ValueError:
+    return ValueError(f"layer {layer!r}, set {group!r}: non-finite activations in {int(bad.sum())} image(s) "
+                      f"(e.g. {list(names[bad][:3])})")
+
+
 def _check_group(
     stats: np.ndarray,
     m: int,
@@ -407,10 +411,7 @@ def _check_group(
 ) -> tuple[float, float, np.ndarray]:
     bad = ~(np.isfinite(stats[_S]) & np.isfinite(stats[_Q]))  # a sum meets any inf or nan
     if bad.any():
-        raise ValueError(
-            f"layer {layer!r}, set {group!r}: non-finite activations in {int(bad.sum())} image(s) "
-            f"(e.g. {list(names[bad][:3])})"
-        )
+        raise _non_finite(bad, layer, group, names)
     mean, sd = pooled_scale(stats, m)
     degenerate = degenerate_rows(stats, m, norm, metric, mean, sd)
     if constant == "raise" and degenerate.any():
@@ -554,7 +555,8 @@ def half_to_float(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     value. A lookup is branch-free. It runs in cache-sized pieces because ``np.take`` first
     copies its indices to intp, 8 bytes per value: over a whole block that temporary costs
     more than the lookup (~1.8 ns per value in pieces; benchmarks/RESULTS.md). A 2-d ``x``
-    (say a column slice of a row block) is converted row by row, without a contiguous copy.
+    (say a column slice of a row block) is converted a few whole rows at a time, without a
+    contiguous copy.
     """
     x = np.asarray(x)
     if out is None:
@@ -673,9 +675,7 @@ def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], pl
         for d in range(n_draws):
             out = one_pass_euclidean(block[d], norm)
             if out is None:
-                bad = ~np.all(np.isfinite(block[d]), axis=1)
-                raise ValueError(f"layer {layer!r}, set {group_name!r}: non-finite activations in {int(bad.sum())} "
-                                 f"image(s) (e.g. {list(names[bad][:3])})")
+                raise _non_finite(~np.all(np.isfinite(block[d]), axis=1), layer, group_name, names)
             yield d, out
         return
     stats = _group_stats([_row_stats_task(block, n_draws)], plan, group, norm, metric, constant, layer, group_name,
@@ -712,18 +712,21 @@ def build_groups(
     selected = np.unique(np.concatenate(list(groups.values())))
     bounds = layer.block_bounds()
     block_of = np.searchsorted(bounds, selected, side="right") - 1
+    chunk_rows = {int(k): selected[block_of == k] for k in np.unique(block_of)}  # global rows read from chunk k
     position = np.full(bounds[-1], -1, dtype=np.int64)
-    for k in np.unique(block_of):
-        position[selected[block_of == k]] = np.arange(int(np.sum(block_of == k)))
+    for rows in chunk_rows.values():
+        position[rows] = np.arange(rows.size)
+    check = completed_check(coll, selected)
     if needs_unit_means(table):
         plan = plan_for(graph, table, layer, list(groups.values()), index)
-        check = check_completed(graph, coll, selected, index)
+        if check is not None:
+            graph.depend(check)
         graph.depend(layer.data)
         chunk_keys = block_keys(layer.data)
         gathered = {
-            int(k): graph.add("gather", (*index, int(k)), _gather, chunk_keys[k], selected[block_of == k] - bounds[k],
-                              plan, check)  # fmt: skip
-            for k in np.unique(block_of)
+            k: graph.add("gather", (*index, k), _gather, chunk_keys[k], rows - bounds[k], plan,
+                         None if check is None else check.key)  # fmt: skip
+            for k, rows in chunk_rows.items()
         }
     else:
         # The plan needs no data: gather as an array operation on the layer, which dask fuses with
@@ -731,14 +734,14 @@ def build_groups(
         # plain read does; a separate gather task kept each whole chunk in memory until it ran)
         plan_delayed = dask.delayed(make_plan, pure=True)(table)
         gathered_array = layer.data.map_blocks(
-            _gather_in_read, plan_delayed, completed_check(coll, selected), selected,
+            _gather_in_read, plan_delayed, check, selected,
             dtype=layer.data.dtype, meta=np.empty((0,) * layer.data.ndim, layer.data.dtype),
         )  # fmt: skip
         graph.depend(gathered_array)
         graph.depend(plan_delayed)
         plan = plan_delayed.key
         keys = block_keys(gathered_array)
-        gathered = {int(k): keys[k] for k in np.unique(block_of)}
+        gathered = {k: keys[k] for k in chunk_rows}
 
     n_draws = len(table.keys)
     width = sum(min(n, layer.size) for n, _ in table.keys)  # a row block: one group's draws
@@ -853,15 +856,16 @@ def rdm(
         graph, coll, data, {label: rows}, table, norm=norm, metric=metric, constant=constant, block_size=block_size
     )
     nb = len(group.blocks)
-    for a in range(nb):
-        for b in range(nb):
-            if group.one_task:  # the same single task as differentiation's: the same numbers
-                graph.output((0, 0), _one_block_rdm, *group.one_task)
-            elif a <= b:
-                graph.output((a, b), _rdm_block, group.blocks[a], group.blocks[b], group.stats, group.bounds[a],
-                             group.bounds[b], norm, metric)  # fmt: skip
-            else:
-                graph.output((a, b), np.transpose, (graph.name, b, a))
+    if group.one_task:  # the same single task as differentiation's: the same numbers
+        graph.output((0, 0), _one_block_rdm, *group.one_task)
+    else:
+        for a in range(nb):
+            for b in range(nb):
+                if a <= b:
+                    graph.output((a, b), _rdm_block, group.blocks[a], group.blocks[b], group.stats, group.bounds[a],
+                                 group.bounds[b], norm, metric)  # fmt: skip
+                else:
+                    graph.output((a, b), np.transpose, (graph.name, b, a))
     sizes = tuple(hi - lo for lo, hi in group.bounds)
     data_ = graph.array((sizes, sizes), np.float64)
     other = f"{sample_dim}_other"

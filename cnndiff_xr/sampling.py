@@ -322,32 +322,15 @@ def as_collection(obj: Any, *, sample_dim: str = "image", set_coord: str = "set"
     return Collection(sample_dim, samples, set_labels, layers, completed)
 
 
-def check_completed(graph: "GraphBuilder", coll: Collection, rows: np.ndarray, index: tuple = ()) -> Any:
-    """Refuse unfinished images: raise now for an in-memory record, or add a check to the graph."""
-    if coll.completed is None:
-        return None
-    if isinstance(coll.completed, np.ndarray):
-        _raise_incomplete(coll.completed[rows], coll.samples[rows])
-        return None
-    flags = coll.completed[rows]
-    graph.depend(flags)
-    return graph.add("check-completed", index, _raise_incomplete_parts, list(flatten(flags.__dask_keys__())),
-                     coll.samples[rows])  # fmt: skip
-
-
 def completed_check(coll: Collection, rows: np.ndarray) -> Any:
-    """:func:`check_completed` as a ``dask.delayed`` object (or ``None``), for tasks built outside a
-    :class:`GraphBuilder` (array operations such as ``map_blocks``)."""
+    """Refuse unfinished images: raise now for an in-memory record; otherwise a ``dask.delayed``
+    check to make the reading tasks depend on (``None`` when the data have no record)."""
     if coll.completed is None:
         return None
     if isinstance(coll.completed, np.ndarray):
         _raise_incomplete(coll.completed[rows], coll.samples[rows])
         return None
     return dask.delayed(_raise_incomplete, pure=True)(coll.completed[rows], coll.samples[rows])
-
-
-def _raise_incomplete_parts(parts: list[np.ndarray], names: np.ndarray) -> None:
-    _raise_incomplete(np.concatenate(parts), names)
 
 
 def _raise_incomplete(flags: np.ndarray, names: np.ndarray) -> None:

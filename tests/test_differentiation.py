@@ -258,9 +258,10 @@ def test_incomplete_images_are_refused():
         cx.differentiation(t_numpy, n_units=10)
     t_lazy = t.copy()
     t_lazy["completed"] = xr.DataArray(da.from_array(flags, chunks=4), dims="image")
-    d = cx.differentiation(t_lazy, n_units=10)  # the check is in the graph
-    with pytest.raises(ValueError, match="not completed"):
-        d.compute()
+    for unit_type in ("random", "top"):  # the gather fused with the reads, and the separate one after unit means
+        d = cx.differentiation(t_lazy, n_units=10, unit_type=unit_type)  # the check is in the graph
+        with pytest.raises(ValueError, match="not completed"):
+            d.compute()
 
 
 def test_constant_vectors_raise_or_follow_the_zero_rule():
