@@ -174,6 +174,11 @@ def _expand(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     return values[index][None, None]
 
 
+def _one_task_output(index: np.ndarray, *one_task_values: Any) -> np.ndarray:
+    """:func:`_one_task_values` straight into its output chunk (one task per group, not two)."""
+    return _expand(_one_task_values(*one_task_values), index)
+
+
 def reduce_group(
     graph: GraphBuilder,
     group: GroupBlocks,
@@ -183,8 +188,9 @@ def reduce_group(
     reduction: str,
     index: tuple,
 ) -> Any:
-    """Add the reduction of one set of one layer; returns the key of its per-draw values."""
-    n_pairs = group.n * (group.n - 1) // 2
+    """Add the reduction of one set of one layer that spans several row blocks; returns the key of its
+    per-draw values (a set in one row block is a single task: :func:`_one_task_output`)."""
+    n_pairs = group.n_pairs
 
     def pair_tasks(stage, func, *extra):
         return [
@@ -193,8 +199,6 @@ def reduce_group(
             for a, b in group.pairs()
         ]
 
-    if group.one_task:
-        return graph.add("group-values", index, _one_task_values, reduction, n_pairs, *group.one_task)
     if reduction == "mean":
         total = graph.reduce("pair-sum-total", index, pair_tasks("pair-sum", _pair_sum), sum_parts)
         return graph.add("mean", index, _mean, total, n_pairs)
@@ -303,8 +307,11 @@ def differentiation(
         blocks = build_groups(graph, coll, layer, groups, table, norm=norm, metric=metric, constant=constant,
                                     block_size=block_size, index=(li,))  # fmt: skip
         for g, group in enumerate(blocks):
-            values = reduce_group(graph, group, len(table.keys), norm, metric, reduction, (li, g))
-            graph.output((g, li, 0, 0), _expand, values, table.index)
+            if group.one_task:  # a single task from the gathered chunks to the output chunk
+                graph.output((g, li, 0, 0), _one_task_output, table.index, reduction, group.n_pairs, *group.one_task)
+            else:
+                values = reduce_group(graph, group, len(table.keys), norm, metric, reduction, (li, g))
+                graph.output((g, li, 0, 0), _expand, values, table.index)
         n_used.append(table.n_used)
         sizes.append(layer.size)
     data = graph.array(((1,) * len(groups), (1,) * len(layer_names), (len(n_list),), (resamples,)), np.float64)

@@ -473,7 +473,9 @@ def one_pass_euclidean(x: np.ndarray, norm: str) -> np.ndarray | None:
     """
     n, m = x.shape
     probe = x[:: max(1, n // 16)][:16]  # a view: up to 16 rows spread over the matrix
-    shift = Shift(common=probe.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+    # any common vector will do, and it is rounded to float32 for float32 data anyway: summed in float32
+    centroid = probe.mean(axis=0, dtype=np.float64 if x.dtype == np.float64 else np.float32)
+    shift = Shift(common=centroid.astype(np.float64)).for_dtype(x.dtype)
     g, norms, _, column_sums = accurate_gram(x, None, shift, None, "euclidean", norm, with_sums=True)
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(column_sums))):
         return None
@@ -522,6 +524,10 @@ class GroupBlocks:
     @property
     def n(self) -> int:
         return int(self.rows.size)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n * (self.n - 1) // 2
 
     def pairs(self) -> Iterator[tuple[int, int]]:
         for a in range(len(self.blocks)):
@@ -586,17 +592,46 @@ def _gather_in_read(block: np.ndarray, plan: UnitPlan, _check: Any, selected: np
 def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int) -> list[np.ndarray]:
     """A row block from gathered chunks: one C-contiguous ``(rows, m)`` array per draw of
     the group, float32 (float64 and integer data: float64), converted once here rather than
-    in every statistic and product over it."""
+    in every statistic and product over it.
+
+    Each draw is taken from every chunk's gathered union straight into its rows of the
+    block: the chunks' unions are never concatenated into a copy first."""
     n_draws = len(plan.units[group if len(plan.units) > 1 else 0])
-    half = parts[0].dtype == np.float16  # taken in float16 (half the bytes to move), converted per draw
-    dtype = None if half else np.float32 if parts[0].dtype == np.float32 else np.float64  # integers: exact
-    rows = np.concatenate([p[i] for p, i in zip(parts, positions)], axis=0, dtype=dtype)
+    dtype = parts[0].dtype
+    if dtype not in (np.float16, np.float32):  # float64 and integers: converted once, to float64 (exact)
+        rows = np.concatenate([p[i] for p, i in zip(parts, positions)], axis=0, dtype=np.float64)
+        return [_take_columns(rows, plan.positions(group, d)) for d in range(n_draws)]
+    sources = [p[_as_slice(i)] for p, i in zip(parts, positions)]  # views where the rows are a range
+    n = sum(src.shape[0] for src in sources)
+    half = dtype == np.float16  # taken in float16 (half the bytes to move), then converted by table lookup
+    taken = None
     out = []
     for d in range(n_draws):
         cols = plan.positions(group, d)
-        block = rows[:, cols] if isinstance(cols, slice) else np.take(rows, cols, axis=1, mode="clip")
-        out.append(half_to_float(block) if half else block)
+        m = len(range(*cols.indices(sources[0].shape[1]))) if isinstance(cols, slice) else cols.size
+        if taken is None or taken.shape[1] != m or not half:
+            taken = np.empty((n, m), dtype)  # float16: one buffer reused by every draw of this width
+        lo = 0
+        for src in sources:
+            hi = lo + src.shape[0]
+            if isinstance(cols, slice):
+                taken[lo:hi] = src[:, cols]
+            else:
+                np.take(src, cols, axis=1, mode="clip", out=taken[lo:hi])
+            lo = hi
+        out.append(half_to_float(taken) if half else taken)
     return out
+
+
+def _take_columns(rows: np.ndarray, cols: Any) -> np.ndarray:
+    return rows[:, cols] if isinstance(cols, slice) else np.take(rows, cols, axis=1, mode="clip")
+
+
+def _as_slice(index: np.ndarray) -> Any:
+    """``index`` as a slice when it is a run of consecutive integers (a view, not a copy)."""
+    if index.size and index[-1] - index[0] == index.size - 1 and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
 
 
 def _row_stats_task(block: list[np.ndarray], n_draws: int) -> tuple[np.ndarray, list]:

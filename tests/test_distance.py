@@ -362,3 +362,29 @@ def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
         assert np.array_equal(a, b), (norm, metric)
         reference = squareform(reference_distances(x.astype(np.float64)[:, units], norm, metric))
         np.testing.assert_allclose(a, reference, rtol=DISTANCE_RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, np.int32])
+def test_row_block_takes_every_draw_from_the_gathered_chunks(dtype):
+    """A row block assembled from several gathered chunks (rows a range of one chunk, scattered rows of another,
+    all rows of a third) equals plain numpy indexing of the stacked rows, for every draw; float16 comes out as
+    float32 bit for bit, float64 and integers as float64."""
+    from cnndiff_xr.sampling import DrawTable, make_plan
+
+    rng = np.random.default_rng(3)
+    size = 300
+    table = DrawTable("layer", (size,), "random", 0, None, ((40, 0), (40, 1), (size, 0)), np.zeros((1, 3)), (40,))
+    plan = make_plan(table)
+    for d, u in enumerate(plan.units[0]):  # the plan's positions locate each draw in the union
+        assert np.array_equal(plan.union[plan.positions(0, d)], u)
+    assert isinstance(plan.positions(0, 2), slice)  # every unit: the whole union, no take
+    chunks = [(rng.normal(size=(8, size)) * 50).astype(dtype) for _ in range(3)]
+    parts = [c[:, plan.union] for c in chunks]  # what the gather hands over: each chunk's union columns
+    positions = [np.arange(3, 8), np.array([0, 2, 5]), np.arange(8)]
+    block = distance_module._row_block(parts, positions, plan, 0)
+    stacked = np.concatenate([c[p] for c, p in zip(chunks, positions)])
+    expected_dtype = np.float32 if dtype in (np.float16, np.float32) else np.float64
+    assert len(block) == 3
+    for d, u in enumerate(plan.units[0]):
+        assert block[d].dtype == expected_dtype and block[d].flags.c_contiguous
+        np.testing.assert_array_equal(block[d], stacked[:, u].astype(expected_dtype))
