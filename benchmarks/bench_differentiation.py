@@ -6,7 +6,7 @@ is made first; then, on the same scheduler, (a) one read: every chunk of every l
 The ratio b/a is the result (target <= 1.5x). Two schedulers: dask's local threads (what ``.compute()`` uses
 without a Client) and the embedded LocalCluster of single-threaded worker processes.
 
-    python benchmarks/bench_differentiation.py [--images 48] [--dtype float32 float16] [--store PATH ...]
+    python benchmarks/bench_differentiation.py [--images 48] [--dtype float32 float16] [--store PATH ...] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -52,15 +52,26 @@ def read_once(tree, client) -> float:
     return run(client, parts)
 
 
-def measure(cx, tree, client, resamples: int) -> tuple[float, float, float]:
+def measure(cx, tree, client, resamples: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per round of one read, differentiation, and differentiation + filter means. The three alternate
+    within each round, so that the machine's drift (+-30 % between minutes here) hits both sides of a ratio."""
     read_once(tree, client)  # warm the page cache the same way for every measurement
-    t_read = min(read_once(tree, client) for _ in range(2))
-    # best of two, like the read: the machine is shared and single runs drift by +-30 %
-    t_diff = min(run(client, cx.differentiation(tree, n_units=[200, 10000], resamples=resamples, seed=s))
-                 for s in (0, 1))
-    t_both = min(run(client, [cx.differentiation(tree, n_units=[200, 10000], resamples=resamples, seed=s),
-                              cx.filter_means(tree)]) for s in (2, 3))
-    return t_read, t_diff, t_both
+    times: dict[str, list[float]] = {"read": [], "diff": [], "both": []}
+    for r in range(rounds):
+        times["read"].append(read_once(tree, client))
+        times["diff"].append(run(client, cx.differentiation(tree, n_units=[200, 10000], resamples=resamples,
+                                                            seed=2 * r)))  # fmt: skip
+        times["both"].append(run(client, [cx.differentiation(tree, n_units=[200, 10000], resamples=resamples,
+                                                             seed=2 * r + 1), cx.filter_means(tree)]))  # fmt: skip
+    return times
+
+
+def ratios(times: dict[str, list[float]], key: str) -> tuple[float, float]:
+    """(best over best, median of the per-round ratios) of ``key`` against one read."""
+    import numpy as np
+
+    per_round = np.array(times[key]) / np.array(times["read"])
+    return min(times[key]) / min(times["read"]), float(np.median(per_round))
 
 
 def main() -> None:
@@ -69,6 +80,7 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["float32", "float16"], help="store dtypes to measure")
     parser.add_argument("--store", nargs="+", default=None, help="reuse these stores (one per --dtype)")
     parser.add_argument("--resamples", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (read, differentiation, + filter means)")
     args = parser.parse_args()
     print(machine_info())
     import cnndiff_xr as cx
@@ -93,18 +105,25 @@ def main() -> None:
                       f"{tree[tree.attrs['layers'][0]]['activation'].dtype}, "
                       f"{info['uncompressed_bytes'] / 1e9:.2f} GB uncompressed, {info['disk_bytes'] / 1e9:.2f} GB on disk")
                 for label, where in (("threads", None), ("processes", client)):
-                    t_read, t_diff, t_both = measure(cx, tree, where, args.resamples)
-                    rows.append((dtype, label, t_read, t_diff, t_both))
-                    print(f"[{dtype}, {label}] one read of the store: {t_read:.1f} s; differentiation, all layers, "
-                          f"n_units 200 and 10000, {args.resamples} resamples: {t_diff:.1f} s = {t_diff / t_read:.2f}x "
-                          f"one read; + filter means together: {t_both:.1f} s = {t_both / t_read:.2f}x", flush=True)
+                    times = measure(cx, tree, where, args.resamples, args.rounds)
+                    rows.append((dtype, label, times))
+                    (diff, diff_med), (both, both_med) = ratios(times, "diff"), ratios(times, "both")
+                    print(f"[{dtype}, {label}] best of {args.rounds}: one read of the store "
+                          f"{min(times['read']):.1f} s; "
+                          f"differentiation, all layers, n_units 200 and 10000, {args.resamples} resamples: "
+                          f"{min(times['diff']):.1f} s = {diff:.2f}x one read (median round {diff_med:.2f}x); "
+                          f"+ filter means together: {min(times['both']):.1f} s = {both:.2f}x "
+                          f"(median round {both_med:.2f}x)", flush=True)
         print("\nthreads: dask's local threaded scheduler (what .compute() uses without a Client)")
         print(f"processes: the embedded LocalCluster, {n_workers} single-threaded worker "
               "processes (extraction's layout; the CLI's default without --scheduler)")
-        print("dtype    scheduler   read s  diff s  diff/read  diff+means s  (diff+means)/read")
-        for dtype, label, t_read, t_diff, t_both in rows:
-            print(f"{dtype:8s} {label:10s} {t_read:6.1f} {t_diff:7.1f} {t_diff / t_read:9.2f}x {t_both:12.1f} "
-                  f"{t_both / t_read:12.2f}x")
+        print(f"best of {args.rounds} rounds over best of {args.rounds}; in brackets the median of the rounds' "
+              "own ratios")
+        print("dtype    scheduler   read s  diff s  diff/read        diff+means s  (diff+means)/read")
+        for dtype, label, times in rows:
+            (diff, diff_med), (both, both_med) = ratios(times, "diff"), ratios(times, "both")
+            print(f"{dtype:8s} {label:10s} {min(times['read']):6.1f} {min(times['diff']):7.1f} {diff:6.2f}x "
+                  f"({diff_med:.2f}x) {min(times['both']):12.1f} {both:8.2f}x ({both_med:.2f}x)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
