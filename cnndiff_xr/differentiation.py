@@ -155,14 +155,15 @@ def _median_from_hist(hist: np.ndarray, targets: np.ndarray, n_pairs: int) -> np
     return out
 
 
-def _one_task_values(reduction: str, n_pairs: int, parts, positions, plan, group, n_draws: int, *rest: Any
-                     ) -> np.ndarray:  # fmt: skip
-    """Median or mean of every draw of a group that fits one row block (one task)."""
+def _one_task_output(index: np.ndarray, reduction: str, n_pairs: int, parts, positions, plan, group, n_draws: int,
+                     *rest: Any) -> np.ndarray:  # fmt: skip
+    """Median or mean of every draw of a group that fits one row block, straight into its
+    output chunk: the whole group is one task."""
     out = np.empty(n_draws)
     for d, values in one_block_distances(parts, positions, plan, group, n_draws, *rest):
         upper = _upper(values, True)
         out[d] = np.median(upper) if reduction == "median" else upper.sum() / n_pairs
-    return out
+    return _expand(out, index)
 
 
 def _mean(total: np.ndarray, n_pairs: int) -> np.ndarray:
@@ -172,11 +173,6 @@ def _mean(total: np.ndarray, n_pairs: int) -> np.ndarray:
 def _expand(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Distinct-draw values -> one ``(1, 1, n_units, resample)`` output chunk."""
     return values[index][None, None]
-
-
-def _one_task_output(index: np.ndarray, *one_task_values: Any) -> np.ndarray:
-    """:func:`_one_task_values` straight into its output chunk (one task per group, not two)."""
-    return _expand(_one_task_values(*one_task_values), index)
 
 
 def reduce_group(

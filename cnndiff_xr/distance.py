@@ -595,22 +595,20 @@ def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitP
     in every statistic and product over it.
 
     Each draw is taken from every chunk's gathered union straight into its rows of the
-    block: the chunks' unions are never concatenated into a copy first."""
+    block, in the stored dtype (float16: half the bytes to move), and converted after: the
+    chunks' unions are never concatenated into a copy first."""
     n_draws = len(plan.units[group if len(plan.units) > 1 else 0])
-    dtype = parts[0].dtype
-    if dtype not in (np.float16, np.float32):  # float64 and integers: converted once, to float64 (exact)
-        rows = np.concatenate([p[i] for p, i in zip(parts, positions)], axis=0, dtype=np.float64)
-        return [_take_columns(rows, plan.positions(group, d)) for d in range(n_draws)]
     sources = [p[_as_slice(i)] for p, i in zip(parts, positions)]  # views where the rows are a range
     n = sum(src.shape[0] for src in sources)
-    half = dtype == np.float16  # taken in float16 (half the bytes to move), then converted by table lookup
+    dtype = parts[0].dtype
+    kept = dtype in (np.float32, np.float64)  # taken arrays are the result; others are converted from a buffer
     taken = None
     out = []
     for d in range(n_draws):
         cols = plan.positions(group, d)
-        m = len(range(*cols.indices(sources[0].shape[1]))) if isinstance(cols, slice) else cols.size
-        if taken is None or taken.shape[1] != m or not half:
-            taken = np.empty((n, m), dtype)  # float16: one buffer reused by every draw of this width
+        width = sources[0][:0, cols].shape[1]
+        if kept or taken is None or taken.shape[1] != width:
+            taken = np.empty((n, width), dtype)
         lo = 0
         for src in sources:
             hi = lo + src.shape[0]
@@ -619,12 +617,8 @@ def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitP
             else:
                 np.take(src, cols, axis=1, mode="clip", out=taken[lo:hi])
             lo = hi
-        out.append(half_to_float(taken) if half else taken)
+        out.append(taken if kept else half_to_float(taken) if dtype == np.float16 else taken.astype(np.float64))
     return out
-
-
-def _take_columns(rows: np.ndarray, cols: Any) -> np.ndarray:
-    return rows[:, cols] if isinstance(cols, slice) else np.take(rows, cols, axis=1, mode="clip")
 
 
 def _as_slice(index: np.ndarray) -> Any:

@@ -350,6 +350,7 @@ def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
     units = draw_units((2000,), 500, seed=0, layer="relu")
     cases = [("layer", "euclidean"), ("image", "correlation"), ("none", "cosine")]
     by_table = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
+
     def numpy_cast(a, out=None):
         if out is None:
             return a.astype(np.float32)
