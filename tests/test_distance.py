@@ -341,7 +341,19 @@ def test_half_to_float_is_bit_identical_to_numpy_cast():
         distance_module.half_to_float(every[:, :10], np.empty((256, 20), np.float32)[:, ::2])
 
 
-def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
+def test_half_to_float_shifts_finite_non_negative_values_without_the_table(monkeypatch):
+    # every finite non-negative float16 (zero, subnormals, normals up to 65504), in rows and flat
+    finite = np.arange(0x7C00, dtype=np.uint16).view(np.float16)
+    monkeypatch.setattr(distance_module, "_HALF_TO_FLOAT", np.zeros(2**16, np.float32))  # a lookup would give 0
+    for x in (finite, finite.reshape(31, 1024), finite.reshape(31, 1024)[::2, 3::5]):
+        got = distance_module.half_to_float(x)
+        assert np.array_equal(got.view(np.uint32), x.astype(np.float32).view(np.uint32))
+    # one negative value or one inf sends the whole array to the table (here all zeros)
+    for bad in (np.float16(-1), np.float16(np.inf)):
+        assert not distance_module.half_to_float(np.array([1, bad, 2], np.float16)).any()
+
+
+def test_float16_rows_converted_by_half_to_float_give_the_same_distances(monkeypatch):
     rng = np.random.default_rng(5)
     x = np.maximum(rng.normal(size=(30, 2000)), 0).astype(np.float16)  # ReLU-like: about half zeros
     arr = xr.DataArray(da.from_array(x, chunks=(7, -1)), dims=("image", "unit"), name="relu")
@@ -349,7 +361,7 @@ def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
 
     units = draw_units((2000,), 500, seed=0, layer="relu")
     cases = [("layer", "euclidean"), ("image", "correlation"), ("none", "cosine")]
-    by_table = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
+    by_ours = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
 
     def numpy_cast(a, out=None):
         if out is None:
@@ -359,7 +371,7 @@ def test_float16_rows_converted_by_table_give_the_same_distances(monkeypatch):
 
     monkeypatch.setattr(distance_module, "half_to_float", numpy_cast)
     by_cast = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
-    for (norm, metric), a, b in zip(cases, by_table, by_cast):
+    for (norm, metric), a, b in zip(cases, by_ours, by_cast):
         assert np.array_equal(a, b), (norm, metric)
         reference = squareform(reference_distances(x.astype(np.float64)[:, units], norm, metric))
         np.testing.assert_allclose(a, reference, rtol=DISTANCE_RTOL, atol=1e-12)
