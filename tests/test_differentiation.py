@@ -64,6 +64,14 @@ def test_matches_numpy_scipy_reference(any_tree, norm, metric):
         assert check_against_reference(any_tree, d, norm, metric, reduction, seed=1) == d.size
 
 
+def test_one_task_median_is_numpy_median_bit_for_bit():
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 3, 276, 277, 4950):
+        values = rng.random(size) * rng.integers(1, 10**6)
+        values[: size // 3] = values[-1]  # ties
+        assert differentiation_module._median(values) == np.median(values), size
+
+
 @pytest.fixture
 def radix(monkeypatch):
     """Force the two-pass radix select for every set that spans several row blocks."""
