@@ -96,7 +96,7 @@ def _writable_group(url: str, storage_options: Mapping | None, store_id: str | N
 
 def _check_same_store(url: str, storage_options: Mapping | None, store_id: str | None) -> None:
     """Raise if the store at ``url`` is no longer the one this task was submitted for (read fresh, not cached)."""
-    current = _store.open_group(url, "r", storage_options).attrs.get("store_id")
+    current = _store.read_store_id(url, storage_options)
     if current != store_id:
         raise _store.StoreError(f"the store at {url!r} was replaced while this task ran (store_id {current!r}, the "
                                 f"task belongs to {store_id!r}); its results are dropped")

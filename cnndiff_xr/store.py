@@ -312,6 +312,23 @@ def _check_no_pickle(url: str, root_meta: Mapping[str, Any], storage_options: Ma
                          "since decoding pickles can run arbitrary code. cnndiff_xr never writes such arrays.")
 
 
+def read_store_id(url: str, storage_options: Mapping | None = None) -> str | None:
+    """The ``store_id`` root attribute of the store at ``url``, read fresh from its root ``zarr.json``; ``None`` where
+    there is no such file (the store was deleted) or no such attribute.
+
+    Each extraction batch asks twice (before its data, before its completion record). Opening the group instead
+    parses the consolidated metadata of every array (~17 ms for VGG16's 22 layers, ~1.5 % of a batch)."""
+    fs, path = _filesystem(check_url(url), check_storage_options(storage_options))
+    key = f"{path.rstrip('/')}/zarr.json"
+    with contextlib.suppress(AttributeError):
+        fs.invalidate_cache(key)  # object stores cache listings; another process may have replaced the store
+    try:
+        document = json.loads(fs.cat_file(key))
+    except FileNotFoundError:
+        return None
+    return document.get("attributes", {}).get("store_id")
+
+
 def read_attrs(url: str, storage_options: Mapping | None = None) -> dict[str, Any]:
     """The root attributes of a cnndiff store; :class:`StoreError` if ``url`` is not one, or if the store holds
     pickled objects."""

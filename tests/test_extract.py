@@ -163,6 +163,25 @@ def test_not_a_store_is_refused(tmp_path):
         cx.open_activations(str(tmp_path / "missing.zarr"))
 
 
+def test_a_batch_refuses_a_replaced_or_deleted_store(tmp_path, tiny_store):
+    """The check each batch makes before writing: the root zarr.json's store_id, read fresh (not the group)."""
+    import importlib
+    import shutil
+
+    check_same_store = importlib.import_module("cnndiff_xr.extract")._check_same_store
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(tiny_store, copy)
+    store_id = store.read_attrs(copy)["store_id"]
+    assert store.read_store_id(copy) == store_id and len(store_id) == 32
+    check_same_store(copy, None, store_id)  # the same store: no error
+    with pytest.raises(store.StoreError, match=f"replaced while this task ran .store_id '{store_id}'"):
+        check_same_store(copy, None, "another-run")
+    shutil.rmtree(copy)
+    assert store.read_store_id(copy) is None
+    with pytest.raises(store.StoreError, match="replaced while this task ran .store_id None"):
+        check_same_store(copy, None, store_id)
+
+
 def test_memory_url_store_float16(tiny_model):
     """An fsspec memory:// store (run on in-process workers, since memory stores live in one process)."""
     url = "memory://cnndiff-test/float16.zarr"
@@ -173,6 +192,7 @@ def test_memory_url_store_float16(tiny_model):
     # a memory:// store exists only in this process: read it with local threads, not the session's process cluster
     act = tree["conv2"]["activation"].compute(scheduler="threads")
     assert act.dtype == np.float16 and act.shape[0] == 5
+    assert store.read_store_id(url) == tree.attrs["store_id"]  # read through fsspec, not a local path
     _, expected = _reference_outputs(tiny_model, sets)
     np.testing.assert_allclose(act.values.astype("float32"), expected["conv2"], rtol=2e-3, atol=2e-3)
 
