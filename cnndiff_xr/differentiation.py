@@ -160,9 +160,8 @@ def _one_task_output(index: np.ndarray, reduction: str, n_pairs: int, parts, pos
     """Median or mean of every draw of a group that fits one row block, straight into its
     output chunk: the whole group is one task."""
     out = np.empty(n_draws)
-    upper = None  # the upper triangle's indices, the same for every draw
+    upper = np.triu_indices(sum(rows.size for rows in positions), 1)  # the same pairs for every draw
     for d, values in one_block_distances(parts, positions, plan, group, n_draws, *rest):
-        upper = np.triu_indices(values.shape[0], 1) if upper is None else upper
         out[d] = _median(values[upper]) if reduction == "median" else values[upper].sum() / n_pairs
     return _expand(out, index)
 

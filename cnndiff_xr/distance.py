@@ -634,7 +634,12 @@ def _row_block(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitP
             else:
                 np.take(src, cols, axis=1, mode="clip", out=taken[lo:hi])
             lo = hi
-        out.append(taken if kept else half_to_float(taken) if dtype == np.float16 else taken.astype(np.float64))
+        if kept:
+            out.append(taken)
+        elif dtype == np.float16:
+            out.append(half_to_float(taken))
+        else:  # integers: exact in float64
+            out.append(taken.astype(np.float64))
     return out
 
 

@@ -101,6 +101,13 @@ def _filesystem(url: str, storage_options: Mapping | None):
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
 
+def _forget_cached(fs: Any, path: str) -> None:
+    """Drop what ``fs`` has cached about ``path``: object stores cache listings, and another process may have written
+    or replaced the store since."""
+    with contextlib.suppress(AttributeError):
+        fs.invalidate_cache(path)
+
+
 @contextlib.contextmanager
 def _quiet_zarr():
     """Silence Zarr's notice that consolidated metadata is not in the v3 spec (xarray reads it; we keep it so that
@@ -258,8 +265,7 @@ def exists(url: str, storage_options: Mapping | None = None) -> bool:
     """Whether anything (a Zarr group or array, or any other file or non-empty folder) is at ``url``."""
     url, storage_options = check_url(url), check_storage_options(storage_options)
     fs, path = _filesystem(url, storage_options)
-    with contextlib.suppress(AttributeError):
-        fs.invalidate_cache(path)  # object stores cache listings; another process may have written since
+    _forget_cached(fs, path)
     return fs.exists(path) and (not fs.isdir(path) or bool(fs.ls(path)))
 
 
@@ -320,8 +326,7 @@ def read_store_id(url: str, storage_options: Mapping | None = None) -> str | Non
     parses the consolidated metadata of every array (~17 ms for VGG16's 22 layers, ~1.5 % of a batch)."""
     fs, path = _filesystem(check_url(url), check_storage_options(storage_options))
     key = f"{path.rstrip('/')}/zarr.json"
-    with contextlib.suppress(AttributeError):
-        fs.invalidate_cache(key)  # object stores cache listings; another process may have replaced the store
+    _forget_cached(fs, key)
     try:
         document = json.loads(fs.cat_file(key))
     except FileNotFoundError:
@@ -439,8 +444,7 @@ def lock_url(url: str) -> str:
 def read_lock(url: str, storage_options: Mapping | None = None) -> dict[str, Any] | None:
     """The lock record of the store at ``url`` (pid, host, started, heartbeat, ...) or None when it is not locked."""
     fs, path = _filesystem(lock_url(url), check_storage_options(storage_options))
-    with contextlib.suppress(AttributeError):
-        fs.invalidate_cache(path)
+    _forget_cached(fs, path)
     try:
         with fs.open(path, "rb") as fh:
             raw = fh.read()
