@@ -39,7 +39,8 @@ def main() -> None:
     import numcodecs
     import numpy as np
 
-    from cnndiff_xr import images, models
+    from cnndiff_xr.extraction import images
+    from cnndiff_xr.extraction.backends import keras as models
 
     numcodecs.blosc.set_nthreads(1)  # per-worker cost: one thread, like a Dask worker
     with tempfile.TemporaryDirectory() as tmp:

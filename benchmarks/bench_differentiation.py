@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     print(machine_info())
     import cnndiff_xr as cx
-    from cnndiff_xr.cluster import get_client
+    from cnndiff_xr.extraction.cluster import get_client
 
     work = Path(tempfile.mkdtemp(prefix="cnndiff-bench-diff-"))
     rows = []

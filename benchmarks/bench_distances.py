@@ -10,13 +10,13 @@ times drift.
 
 Columns:
   pdist      seed recipe: float64 z-scoring + pdist + / sqrt(m) (condensed distances)
-  gram       cnndiff_xr.distance.pairwise_distances: the per-block kernel the lazy graph runs
+  gram       cnndiff_xr.analysis.blocks.pairwise_distances: the per-block kernel the lazy graph runs
   lazy       cnndiff_xr.differentiation(..., resamples=1) end to end on a dask array
              (gather, row stats, Gram blocks, exact median), synchronous scheduler
   gram64     information only: the float64 Gram kernel this replaced (one float64 copy,
              row statistics, mean shift, dsyrk)
   largest relative difference: of any single distance, Gram kernel vs pdist (the
-             package promises <= 1e-5, cnndiff_xr.distance.DISTANCE_RTOL)
+             package promises <= 1e-5, cnndiff_xr.analysis.blocks.DISTANCE_RTOL)
 
 Run: ``python benchmarks/bench_distances.py`` (about a minute; ``--quick`` skips
 1000 x 100k).
@@ -62,7 +62,7 @@ def seed_recipe(x: np.ndarray) -> np.ndarray:
 
 
 def gram_kernel(x: np.ndarray) -> np.ndarray:
-    from cnndiff_xr.distance import pairwise_distances
+    from cnndiff_xr.analysis.blocks import pairwise_distances
 
     return pairwise_distances(x, norm="layer", metric="euclidean")
 

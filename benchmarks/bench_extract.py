@@ -31,7 +31,8 @@ from common import machine_info, natural_image_sets  # noqa: E402
 
 def bare_forward(image_paths: list, batch_size: int, repeats: int = 1) -> float:
     """Images per second of the forward pass alone (model built and warmed up first)."""
-    from cnndiff_xr import images, models
+    from cnndiff_xr.extraction import images
+    from cnndiff_xr.extraction.backends import keras as models
 
     extractor = models.LayerExtractor(models.make_spec("vgg16", weights=None), layers=None)
     refs = [images.FileRef(str(p)) for p in image_paths]
@@ -101,7 +102,7 @@ def main() -> None:
             filled = fill_page_cache(work / "page-cache-fill")
             print(f"filled {filled / 2**30:.1f} GiB of free memory with page cache in {time.perf_counter() - t0:.0f} s")
         print(f"free memory before measuring: {free_memory() / 2**30:.1f} GiB")
-        from cnndiff_xr.cluster import get_client
+        from cnndiff_xr.extraction.cluster import get_client
 
         results = {}
         with get_client(None) as client:

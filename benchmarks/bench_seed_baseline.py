@@ -31,7 +31,8 @@ def seed_style(n: int, n_units: list[int]) -> dict:
     from scipy.spatial.distance import pdist
 
     import cnndiff_xr as cx
-    from cnndiff_xr import images, models
+    from cnndiff_xr.extraction import images
+    from cnndiff_xr.extraction.backends import keras as models
 
     t0 = time.perf_counter()
     extractor = models.LayerExtractor(models.make_spec("vgg16", weights=None), layers="seed")
@@ -55,7 +56,7 @@ def seed_style(n: int, n_units: list[int]) -> dict:
 
 def cnndiff_style(n: int, n_units: list[int], store: str) -> dict:
     import cnndiff_xr as cx
-    from cnndiff_xr.cluster import get_client
+    from cnndiff_xr.extraction.cluster import get_client
 
     t0 = time.perf_counter()
     with get_client(None) as client:

@@ -11,10 +11,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from . import images  # noqa: E402
-from .store import open_activations, select  # noqa: E402
-from .extract import extract  # noqa: E402
-from .differentiation import (  # noqa: E402
+from .extraction import images, store  # noqa: E402
+from .extraction.store import open_activations, select  # noqa: E402
+from .extraction.run import extract  # noqa: E402
+from .analysis.differentiation import (  # noqa: E402
     differentiation,
     normalise_by_reference,
     rdm,
@@ -22,5 +22,5 @@ from .differentiation import (  # noqa: E402
     resample_summary,
     stimulus_regression,
 )
-from .summaries import filter_means, layer_means  # noqa: E402
-from .sampling import select_units  # noqa: E402
+from .analysis.summaries import filter_means, layer_means  # noqa: E402
+from .analysis.draws import select_units  # noqa: E402

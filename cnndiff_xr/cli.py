@@ -25,7 +25,7 @@ class UsageError(ValueError):
 def _parse_sets(pairs: Sequence[str], frame_step: int) -> dict:
     """``NAME=SPEC`` pairs: SPEC is a glob, folder, image file, ``.npy`` movie (every ``frame_step``-th frame) or
     ``noise:N[:SEED]`` (N white-noise images)."""
-    from . import images  # noqa: PLC0415
+    from .extraction import images  # noqa: PLC0415
 
     sets: dict = {}
     for pair in pairs:
@@ -79,9 +79,9 @@ _non_negative_int = _int_at_least(0)
 
 
 def _cmd_extract(args) -> int:
-    from .cluster import check_address  # noqa: PLC0415
-    from .extract import extract  # noqa: PLC0415
-    from .store import COMPRESSION_LEVELS  # noqa: PLC0415
+    from .extraction.cluster import check_address  # noqa: PLC0415
+    from .extraction.run import extract  # noqa: PLC0415
+    from .extraction.store import COMPRESSION_LEVELS  # noqa: PLC0415
 
     lo, hi = COMPRESSION_LEVELS[args.compression]
     if not lo <= args.level <= hi:
@@ -91,7 +91,7 @@ def _cmd_extract(args) -> int:
             check_address(args.scheduler, "--scheduler")
         except ValueError as err:
             raise UsageError(str(err)) from None
-    from .models import APPLICATIONS  # noqa: PLC0415
+    from .extraction.backends.keras import APPLICATIONS  # noqa: PLC0415
 
     if args.model.lower() not in APPLICATIONS:
         raise UsageError(f"--model {args.model!r}: choose one of {sorted(APPLICATIONS)}")
@@ -113,7 +113,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from . import store  # noqa: PLC0415
+    from .extraction import store  # noqa: PLC0415
 
     summary = store.info(args.store)
     if args.json:
@@ -139,7 +139,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def _check_out(path: str, overwrite: bool) -> None:
     """Refuse to replace a cnndiff store, and anything else unless --overwrite: nothing computed may be lost."""
-    from .store import is_store  # noqa: PLC0415
+    from .extraction.store import is_store  # noqa: PLC0415
 
     if is_store(path):
         raise UsageError(f"--out {path!r} is a cnndiff activation store; refusing to overwrite it")
@@ -159,9 +159,9 @@ def _write_dataset(ds, path: str) -> None:
 def _cmd_differentiation(args) -> int:
     import xarray as xr  # noqa: PLC0415
 
-    from .cluster import get_client  # noqa: PLC0415
-    from .differentiation import differentiation, normalise_by_reference, resample_summary  # noqa: PLC0415
-    from .store import open_activations  # noqa: PLC0415
+    from .extraction.cluster import get_client  # noqa: PLC0415
+    from .analysis.differentiation import differentiation, normalise_by_reference, resample_summary  # noqa: PLC0415
+    from .extraction.store import open_activations  # noqa: PLC0415
 
     n_units = _int_list(args.n_units, "--n-units")
     if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
@@ -206,9 +206,9 @@ def _netcdf_attrs(attrs: dict) -> dict:
 
 
 def _cmd_summarize(args) -> int:
-    from .cluster import get_client  # noqa: PLC0415
-    from .store import open_activations  # noqa: PLC0415
-    from .summaries import filter_means  # noqa: PLC0415
+    from .extraction.cluster import get_client  # noqa: PLC0415
+    from .extraction.store import open_activations  # noqa: PLC0415
+    from .analysis.summaries import filter_means  # noqa: PLC0415
 
     if not args.out.endswith((".nc", ".zarr")):
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
@@ -232,16 +232,17 @@ def _cmd_summarize(args) -> int:
 def _cmd_plot(args) -> int:
     import xarray as xr  # noqa: PLC0415
 
-    from . import plot, store  # noqa: PLC0415
-    from .differentiation import stimulus_regression  # noqa: PLC0415
+    from . import plot  # noqa: PLC0415
+    from .extraction import store  # noqa: PLC0415
+    from .analysis.differentiation import stimulus_regression  # noqa: PLC0415
 
     out = args.out
     written = []
     if store.is_store(args.source):
         import dask  # noqa: PLC0415
 
-        from .distance import rdm  # noqa: PLC0415
-        from .summaries import filter_means  # noqa: PLC0415
+        from .analysis.blocks import rdm  # noqa: PLC0415
+        from .analysis.summaries import filter_means  # noqa: PLC0415
 
         tree = store.open_activations(args.source)
         note = plot.figure_note(tree.attrs)

@@ -79,9 +79,10 @@ def run_demo(
 ) -> Path:
     """Run the demo; return the path of its report. See the module docstring."""
     import cnndiff_xr as cx  # noqa: PLC0415
-    from . import models, plot  # noqa: PLC0415
-    from .differentiation import resample_summary, stimulus_regression  # noqa: PLC0415
-    from .cluster import get_client  # noqa: PLC0415
+    from . import plot  # noqa: PLC0415
+    from .extraction.backends import keras as models  # noqa: PLC0415
+    from .analysis.differentiation import resample_summary, stimulus_regression  # noqa: PLC0415
+    from .extraction.cluster import get_client  # noqa: PLC0415
 
     if not isinstance(n_images, int) or n_images < 3:
         raise ValueError(f"n_images must be an int >= 3 (images per set), got {n_images!r}")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .differentiation import normalise_by_reference, resample_summary
+from .analysis.differentiation import normalise_by_reference, resample_summary
 
 LINESTYLES = ("--", "-", ":", "-.")
 

@@ -206,7 +206,7 @@ _UNITS: dict[tuple, tuple[Any, np.ndarray]] = {}
 def unit_indices(tree: Any, layer: str, n_units: int, unit_type: str = "random", seed: int = 0,
                  resample: int = 0, sets: Sequence[str] | None = None) -> np.ndarray:  # fmt: skip
     """Flat indices of a draw, through the public ``select_units`` (cached per tree)."""
-    import cnndiff_xr.sampling as sampling
+    import cnndiff_xr.analysis.draws as sampling
 
     key = (id(tree), layer, n_units, unit_type, seed, resample, tuple(sets or ()))
     if key not in _UNITS:

@@ -19,7 +19,7 @@ def local_client():
     """A real dask.distributed LocalCluster: 2 worker processes, one thread each."""
     from distributed import Client, LocalCluster
 
-    from cnndiff_xr.cluster import WORKER_ENV
+    from cnndiff_xr.extraction.cluster import WORKER_ENV
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                       env=WORKER_ENV) as cluster, Client(cluster) as client:

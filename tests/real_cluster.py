@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from cnndiff_xr.cluster import WORKER_ENV
+from cnndiff_xr.extraction.cluster import WORKER_ENV
 
 DASK = Path(sys.executable).with_name("dask")
 TESTS_DIR = Path(__file__).resolve().parent

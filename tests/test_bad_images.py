@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import cnndiff_xr as cx
-from cnndiff_xr import images, store
+from cnndiff_xr.extraction import images, store
 
 import real_cluster
 from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess

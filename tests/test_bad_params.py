@@ -17,7 +17,8 @@ import pytest
 import xarray as xr
 
 import cnndiff_xr as cx
-from cnndiff_xr import cli, cluster, images, store
+from cnndiff_xr import cli
+from cnndiff_xr.extraction import cluster, images, store
 
 from tiny import build_tiny_model, tiny_preprocess
 

@@ -6,7 +6,7 @@ import os
 import platform
 import resource
 
-from cnndiff_xr.cluster import MALLOC_ENV, WORKER_ENV, get_client
+from cnndiff_xr.extraction.cluster import MALLOC_ENV, WORKER_ENV, get_client
 
 
 def _worker_state() -> dict:

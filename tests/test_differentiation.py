@@ -26,12 +26,13 @@ from analysis_fixtures import (
     tree_or_store,
     unit_indices,
 )
-from cnndiff_xr.distance import DISTANCE_RTOL, METRICS, NORMS
+from cnndiff_xr.analysis.draws import draw_units
+from cnndiff_xr.analysis.blocks import DISTANCE_RTOL, METRICS, NORMS
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 RTOL = 1e-5
 # the module (cnndiff_xr.differentiation is the re-exported function)
-differentiation_module = importlib.import_module("cnndiff_xr.differentiation")
+differentiation_module = importlib.import_module("cnndiff_xr.analysis.differentiation")
 
 
 def _layers(t: xr.DataTree) -> list[str]:
@@ -213,7 +214,7 @@ def test_neural_recording_differentiation():
     for s in d.set.values:
         for n in (10, 60):
             for r in (0, 1):
-                units = cx.sampling.draw_units((12, 5), n, seed=0, layer="lfp_power", resample=r)
+                units = draw_units((12, 5), n, seed=0, layer="lfp_power", resample=r)
                 x = values[rec["condition"].values == s][:, units]
                 expected = np.median(reference_distances(x, "layer", "euclidean"))
                 assert float(d.sel(set=s, n_units=n, resample=r).squeeze()) == pytest.approx(expected, rel=RTOL)
@@ -363,7 +364,7 @@ def test_dataset_of_arrays_is_a_set_of_layers():
     ds = xr.Dataset({"power": rec, "log_power": np.log(rec)})
     d = cx.differentiation(ds, n_units=[10], resamples=1, sample_dim="state", set_coord="condition").compute()
     assert d["layer"].values.tolist() == ["power", "log_power"]
-    units = cx.sampling.draw_units((12, 5), 10, seed=0, layer="log_power")
+    units = draw_units((12, 5), 10, seed=0, layer="log_power")
     x = np.log(rec.values).reshape(30, -1)[rec["condition"].values == "movie"][:, units]
     expected = np.median(reference_distances(x, "layer", "euclidean"))
     assert float(d.sel(set="movie", layer="log_power").squeeze()) == pytest.approx(expected, rel=RTOL)

@@ -23,8 +23,8 @@ from analysis_fixtures import (
     tree_or_store,
     unit_indices,
 )
-import cnndiff_xr.distance as distance_module
-from cnndiff_xr.distance import DISTANCE_RTOL, METRICS, NORMS, pairwise_distances, rdm
+import cnndiff_xr.analysis.blocks as distance_module
+from cnndiff_xr.analysis.blocks import DISTANCE_RTOL, METRICS, NORMS, pairwise_distances, rdm
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 settings.register_profile("analysis", max_examples=30, deadline=None)
@@ -85,7 +85,7 @@ def test_rdm_of_a_recording():
     r = rdm(rec, n_units=20, sample_dim="state", set_coord="condition", sets=["movie"])
     assert r.dims == ("state", "state_other") and r.shape == (10, 10)
     x = rec.values.reshape(30, -1)[rec["condition"].values == "movie"]
-    from cnndiff_xr.sampling import draw_units
+    from cnndiff_xr.analysis.draws import draw_units
 
     units = draw_units((12, 5), 20, seed=0, layer="lfp_power")
     np.testing.assert_allclose(r.values, squareform(reference_distances(x[:, units], "layer", "euclidean")), rtol=DISTANCE_RTOL)
@@ -357,7 +357,7 @@ def test_float16_rows_converted_by_half_to_float_give_the_same_distances(monkeyp
     rng = np.random.default_rng(5)
     x = np.maximum(rng.normal(size=(30, 2000)), 0).astype(np.float16)  # ReLU-like: about half zeros
     arr = xr.DataArray(da.from_array(x, chunks=(7, -1)), dims=("image", "unit"), name="relu")
-    from cnndiff_xr.sampling import draw_units
+    from cnndiff_xr.analysis.draws import draw_units
 
     units = draw_units((2000,), 500, seed=0, layer="relu")
     cases = [("layer", "euclidean"), ("image", "correlation"), ("none", "cosine")]
@@ -382,7 +382,7 @@ def test_row_block_takes_every_draw_from_the_gathered_chunks(dtype):
     """A row block assembled from several gathered chunks (rows a range of one chunk, scattered rows of another,
     all rows of a third) equals plain numpy indexing of the stacked rows, for every draw; float16 comes out as
     float32 bit for bit, float64 and integers as float64."""
-    from cnndiff_xr.sampling import DrawTable, make_plan
+    from cnndiff_xr.analysis.draws import DrawTable, make_plan
 
     rng = np.random.default_rng(3)
     size = 300

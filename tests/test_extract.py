@@ -10,8 +10,8 @@ import xarray as xr
 import zarr
 
 import cnndiff_xr as cx
-from cnndiff_xr import images, store
-from cnndiff_xr.extract import ExtractionError
+from cnndiff_xr.extraction import images, store
+from cnndiff_xr.extraction.run import ExtractionError
 
 from tiny import TINY_LAYERS, TINY_SIZE, build_tiny_model, tiny_preprocess
 
@@ -168,7 +168,7 @@ def test_a_batch_refuses_a_replaced_or_deleted_store(tmp_path, tiny_store):
     import importlib
     import shutil
 
-    check_same_store = importlib.import_module("cnndiff_xr.extract")._check_same_store
+    check_same_store = importlib.import_module("cnndiff_xr.extraction.run")._check_same_store
     copy = str(tmp_path / "copy.zarr")
     shutil.copytree(tiny_store, copy)
     store_id = store.read_attrs(copy)["store_id"]
@@ -208,7 +208,7 @@ def test_info_reports_sizes(tiny_store):
 
 
 def test_size_preflight_is_exact():
-    from cnndiff_xr.extract import size_report
+    from cnndiff_xr.extraction.run import size_report
 
     sizes = store.uncompressed_nbytes({"a": (2, 3, 4), "b": (10,)}, 5, "float16")
     assert sizes == {"a": 5 * 24 * 2, "b": 5 * 10 * 2}

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from cnndiff_xr import images
-from cnndiff_xr.images import (
+from cnndiff_xr.extraction import images
+from cnndiff_xr.extraction.images import (
     ArrayRef,
     FileRef,
     ImageError,

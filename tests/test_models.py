@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cnndiff_xr as cx
-from cnndiff_xr import models
+from cnndiff_xr.extraction.backends import keras as models
 
 SEED_VGG16_LAYERS = (
     ["input_layer"]

@@ -23,8 +23,8 @@ import xarray as xr
 import zarr
 
 import cnndiff_xr as cx
-from cnndiff_xr import images, store
-from cnndiff_xr.extract import ExtractionError
+from cnndiff_xr.extraction import images, store
+from cnndiff_xr.extraction.run import ExtractionError
 
 import faults
 import real_cluster

@@ -18,7 +18,7 @@ import pytest
 import xarray as xr
 
 import cnndiff_xr as cx
-from cnndiff_xr import images, store
+from cnndiff_xr.extraction import images, store
 
 from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess, write_pngs
 

@@ -49,7 +49,7 @@ import xarray as xr
 from . import images
 from . import store as _store
 from .cluster import ModelPlugin, check_address, get_client, worker_extractor
-from .models import (LayerExtractor, ModelSpec, load_imagenet_class_labels, make_spec, preprocess_name,
+from .backends.keras import (LayerExtractor, ModelSpec, load_imagenet_class_labels, make_spec, preprocess_name,
                      weights_digest)
 
 ON_ERROR = ("raise", "skip")

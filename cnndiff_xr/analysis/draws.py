@@ -30,6 +30,8 @@ from dask.core import flatten
 from dask.graph_manipulation import clone
 from dask.highlevelgraph import HighLevelGraph
 
+from ..validation import UnknownLabelError, check_choice, check_count, check_n_units
+
 __all__ = [
     "UNIT_TYPES",
     "UnknownLabelError",
@@ -43,45 +45,6 @@ UnitType = Literal["random", "top", "per_filter", "all"]
 
 #: name given to the single group of samples when the data carry no set coordinate
 ALL_SAMPLES = "all"
-
-
-class UnknownLabelError(KeyError, ValueError):
-    """A layer, set or other label that is not in the data (a ``KeyError`` and a ``ValueError``)."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
-
-
-# --------------------------------------------------------------------------- validation
-def check_choice(parameter: str, value: Any, allowed: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise naming the parameter."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{parameter}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-    return value
-
-
-def check_n_units(n_units: int | Iterable[int]) -> tuple[int, ...]:
-    """Normalise ``n_units`` to a tuple of distinct positive ints."""
-    values = [n_units] if np.ndim(n_units) == 0 else list(n_units)  # type: ignore[arg-type]
-    if not values:
-        raise ValueError("n_units is empty; give one or more positive integers")
-    out = []
-    for value in values:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"n_units must hold positive integers, got n_units={value!r}")
-        if value <= 0:
-            raise ValueError(f"n_units must be positive, got n_units={int(value)}")
-        out.append(int(value))
-    if len(set(out)) != len(out):
-        raise ValueError(f"n_units has repeated values: {out}")
-    return tuple(out)
-
-
-def check_count(parameter: str, value: Any, minimum: int) -> int:
-    """Return ``value`` as an int >= ``minimum`` or raise naming the parameter."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{parameter} must be an integer >= {minimum}, got {parameter}={value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------- seeded draws

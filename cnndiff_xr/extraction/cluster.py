@@ -18,7 +18,7 @@ import dask
 import numpy as np
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
-from .models import LayerExtractor, ModelSpec, set_tf_threads
+from .backends.keras import LayerExtractor, ModelSpec, set_tf_threads
 
 # Set in every worker's environment before TensorFlow starts: one TF thread per Dask worker thread, so that two
 # workers on two cores do not each start a pool as wide as the machine and thrash.

@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .sampling import Collection, LayerData, _raise_incomplete, as_collection
+from .draws import Collection, LayerData, _raise_incomplete, as_collection
 
 __all__ = ["filter_means", "layer_means"]
 

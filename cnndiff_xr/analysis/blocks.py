@@ -50,7 +50,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .sampling import (
+from .draws import (
     Collection,
     DrawTable,
     GraphBuilder,

@@ -28,7 +28,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from .distance import (
+from .blocks import (
     ConstantPolicy,
     auto_block_size,
     GroupBlocks,
@@ -41,7 +41,7 @@ from .distance import (
     one_block_distances,
     rdm,
 )
-from .sampling import (
+from .draws import (
     UNIT_TYPES,
     GraphBuilder,
     UnitType,

@@ -1,0 +1,1 @@
+"""Model backends: what extraction needs from a deep-learning framework."""
