@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine_info, natural_image_sets  # noqa: E402
+from common import machine_info, natural_image_sets
 
 CANDIDATES = {
     "zstd-1": lambda: __import__("zarr.codecs", fromlist=["ZstdCodec"]).ZstdCodec(level=1),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine_info, natural_image_sets  # noqa: E402
+from common import machine_info, natural_image_sets
 
 
 def run(client, collections) -> float:
@@ -60,9 +60,9 @@ def measure(cx, tree, client, resamples: int, rounds: int) -> dict[str, list[flo
     for r in range(rounds):
         times["read"].append(read_once(tree, client))
         times["diff"].append(run(client, cx.differentiation(tree, n_units=[200, 10000], resamples=resamples,
-                                                            seed=2 * r)))  # fmt: skip
+                                                            seed=2 * r)))
         times["both"].append(run(client, [cx.differentiation(tree, n_units=[200, 10000], resamples=resamples,
-                                                             seed=2 * r + 1), cx.filter_means(tree)]))  # fmt: skip
+                                                             seed=2 * r + 1), cx.filter_means(tree)]))
     return times
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine_info  # noqa: E402
+from common import machine_info
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -108,7 +108,7 @@ def main() -> None:
     print(f"BLAS threads: {threads or 'default (all cores)'}; load average before: "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (a shared machine: compare ratios, not times)")
     header = f"{'images x units':>16} {'pdist s':>9} {'gram s':>8} {'lazy s':>8} {'gram64 s':>9} " \
-             f"{'pdist/gram':>10} {'pdist/lazy':>10} {'pdist/gram64':>12} {'median rel diff':>16}"  # fmt: skip
+             f"{'pdist/gram':>10} {'pdist/lazy':>10} {'pdist/gram64':>12} {'median rel diff':>16}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -124,7 +124,7 @@ def main() -> None:
         rel = abs(lazy - reference) / reference
         rows.append((n, m, t_pdist, t_gram, t_lazy, t_64))
         print(f"{f'{n} x {m}':>16} {t_pdist:9.3f} {t_gram:8.3f} {t_lazy:8.3f} {t_64:9.3f} "
-              f"{t_pdist / t_gram:9.1f}x {t_pdist / t_lazy:9.1f}x {t_pdist / t_64:11.1f}x {rel:16.1e}")  # fmt: skip
+              f"{t_pdist / t_gram:9.1f}x {t_pdist / t_lazy:9.1f}x {t_pdist / t_64:11.1f}x {rel:16.1e}")
         print(f"{'':>16} (largest relative difference of any single distance, gram vs pdist: {max_rel:.1e})")
     print(f"\nload average after: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("ratios > 1: cnndiff_xr faster. 'lazy' includes building and running the dask graph.")

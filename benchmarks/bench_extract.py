@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine_info, natural_image_sets  # noqa: E402
+from common import machine_info, natural_image_sets
 
 
 def bare_forward(image_paths: list, batch_size: int, repeats: int = 1) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine_info  # noqa: E402
+from common import machine_info
 
 
 class RssSampler:
@@ -40,7 +40,7 @@ class RssSampler:
             try:
                 rss = self.client.run(lambda: psutil.Process().memory_info().rss)
                 self.peak = max(self.peak, *rss.values())
-            except Exception:  # noqa: BLE001 - a worker restarting between polls
+            except Exception:
                 pass
             self._stop.wait(self.period)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine_info  # noqa: E402
+from common import machine_info
 
 
 def seed_style(n: int, n_units: list[int]) -> dict:
@@ -84,8 +84,9 @@ def main() -> None:
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
         return
-    import psutil
     import tempfile
+
+    import psutil
 
     print(machine_info())
     sizes = [int(s) for s in args.sizes.split(",")]

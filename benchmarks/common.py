@@ -28,7 +28,7 @@ def machine_info() -> str:
     try:
         blas = numpy.show_config(mode="dicts")["Build Dependencies"]["blas"]
         blas_name = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # noqa: BLE001 - informational only
+    except Exception:
         blas_name = "unknown BLAS"
     return (f"{platform.node()}: {cores} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
             f"Python {platform.python_version()}, numpy {numpy.__version__} ({blas_name}), scipy {scipy.__version__}, "

@@ -4,17 +4,15 @@ Heavy frameworks (TensorFlow/Keras) are imported only when a model is built, so
 ``import cnndiff_xr`` stays fast and analysis-only users never load them.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("cnndiff_xr")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from .extraction import images, store  # noqa: E402
-from .extraction.store import open_activations, select  # noqa: E402
-from .extraction.run import extract  # noqa: E402
-from .analysis.differentiation import (  # noqa: E402
+from .analysis.differentiation import (
     differentiation,
     normalise_by_reference,
     rdm,
@@ -22,5 +20,26 @@ from .analysis.differentiation import (  # noqa: E402
     resample_summary,
     stimulus_regression,
 )
-from .analysis.summaries import filter_means, layer_means  # noqa: E402
-from .analysis.draws import select_units  # noqa: E402
+from .analysis.draws import select_units
+from .analysis.summaries import filter_means, layer_means
+from .extraction import images, store
+from .extraction.run import extract
+from .extraction.store import open_activations, select
+
+__all__ = [
+    "__version__",
+    "differentiation",
+    "extract",
+    "filter_means",
+    "images",
+    "layer_means",
+    "normalise_by_reference",
+    "open_activations",
+    "rdm",
+    "rdm_regression",
+    "resample_summary",
+    "select",
+    "select_units",
+    "stimulus_regression",
+    "store",
+]

@@ -25,7 +25,7 @@ class UsageError(ValueError):
 def _parse_sets(pairs: Sequence[str], frame_step: int) -> dict:
     """``NAME=SPEC`` pairs: SPEC is a glob, folder, image file, ``.npy`` movie (every ``frame_step``-th frame) or
     ``noise:N[:SEED]`` (N white-noise images)."""
-    from .extraction import images  # noqa: PLC0415
+    from .extraction import images
 
     sets: dict = {}
     for pair in pairs:
@@ -79,9 +79,9 @@ _non_negative_int = _int_at_least(0)
 
 
 def _cmd_extract(args) -> int:
-    from .extraction.cluster import check_address  # noqa: PLC0415
-    from .extraction.run import extract  # noqa: PLC0415
-    from .extraction.store import COMPRESSION_LEVELS  # noqa: PLC0415
+    from .extraction.cluster import check_address
+    from .extraction.run import extract
+    from .extraction.store import COMPRESSION_LEVELS
 
     lo, hi = COMPRESSION_LEVELS[args.compression]
     if not lo <= args.level <= hi:
@@ -91,7 +91,7 @@ def _cmd_extract(args) -> int:
             check_address(args.scheduler, "--scheduler")
         except ValueError as err:
             raise UsageError(str(err)) from None
-    from .extraction.backends.keras import APPLICATIONS  # noqa: PLC0415
+    from .extraction.backends.keras import APPLICATIONS
 
     if args.model.lower() not in APPLICATIONS:
         raise UsageError(f"--model {args.model!r}: choose one of {sorted(APPLICATIONS)}")
@@ -113,7 +113,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .extraction import store  # noqa: PLC0415
+    from .extraction import store
 
     summary = store.info(args.store)
     if args.json:
@@ -139,7 +139,7 @@ def _names(text: str | None) -> list[str] | None:
 
 def _check_out(path: str, overwrite: bool) -> None:
     """Refuse to replace a cnndiff store, and anything else unless --overwrite: nothing computed may be lost."""
-    from .extraction.store import is_store  # noqa: PLC0415
+    from .extraction.store import is_store
 
     if is_store(path):
         raise UsageError(f"--out {path!r} is a cnndiff activation store; refusing to overwrite it")
@@ -157,11 +157,11 @@ def _write_dataset(ds, path: str) -> None:
 
 
 def _cmd_differentiation(args) -> int:
-    import xarray as xr  # noqa: PLC0415
+    import xarray as xr
 
-    from .extraction.cluster import get_client  # noqa: PLC0415
-    from .analysis.differentiation import differentiation, normalise_by_reference, resample_summary  # noqa: PLC0415
-    from .extraction.store import open_activations  # noqa: PLC0415
+    from .analysis.differentiation import differentiation, normalise_by_reference, resample_summary
+    from .extraction.cluster import get_client
+    from .extraction.store import open_activations
 
     n_units = _int_list(args.n_units, "--n-units")
     if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
@@ -206,9 +206,9 @@ def _netcdf_attrs(attrs: dict) -> dict:
 
 
 def _cmd_summarize(args) -> int:
-    from .extraction.cluster import get_client  # noqa: PLC0415
-    from .extraction.store import open_activations  # noqa: PLC0415
-    from .analysis.summaries import filter_means  # noqa: PLC0415
+    from .analysis.summaries import filter_means
+    from .extraction.cluster import get_client
+    from .extraction.store import open_activations
 
     if not args.out.endswith((".nc", ".zarr")):
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
@@ -230,19 +230,19 @@ def _cmd_summarize(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    import xarray as xr  # noqa: PLC0415
+    import xarray as xr
 
-    from . import plot  # noqa: PLC0415
-    from .extraction import store  # noqa: PLC0415
-    from .analysis.differentiation import stimulus_regression  # noqa: PLC0415
+    from . import plot
+    from .analysis.differentiation import stimulus_regression
+    from .extraction import store
 
     out = args.out
     written = []
     if store.is_store(args.source):
-        import dask  # noqa: PLC0415
+        import dask
 
-        from .analysis.blocks import rdm  # noqa: PLC0415
-        from .analysis.summaries import filter_means  # noqa: PLC0415
+        from .analysis.blocks import rdm
+        from .analysis.summaries import filter_means
 
         tree = store.open_activations(args.source)
         note = plot.figure_note(tree.attrs)
@@ -262,7 +262,7 @@ def _cmd_plot(args) -> int:
             raise UsageError(f"SOURCE {args.source!r} does not exist")
         try:
             result = xr.open_zarr(args.source) if args.source.endswith(".zarr") else xr.open_dataset(args.source)
-        except Exception as err:  # noqa: BLE001 - any reader failure means "not a result file"
+        except Exception as err:
             raise UsageError(f"SOURCE {args.source!r} is neither a cnndiff store nor a differentiation result "
                              f"(.nc/.zarr from 'cnndiff differentiation'): {err}") from None
         if "differentiation" not in result:
@@ -286,7 +286,7 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import PHOTOS, run_demo  # noqa: PLC0415
+    from .demo import PHOTOS, run_demo
 
     if args.n_images > len(PHOTOS):
         raise UsageError(f"--n-images {args.n_images}: the demo has {len(PHOTOS)} bundled photographs per set at most")
@@ -305,7 +305,7 @@ def _cluster_options(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__  # noqa: PLC0415
+    from . import __version__
 
     parser = argparse.ArgumentParser(prog="cnndiff", description="Differentiation of CNN responses to image sets, "
                                      "on labelled Zarr stores and Dask.")
@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"cnndiff {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as err:  # noqa: BLE001 - a command-line tool reports, it does not dump tracebacks
+    except Exception as err:
         if args.debug:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -23,7 +23,7 @@ BANNER = "!" * 78
 
 def _skimage_data():
     try:
-        from skimage import data  # noqa: PLC0415
+        from skimage import data
     except ImportError as err:
         raise ImportError("the demo builds its image sets from scikit-image's bundled photographs: "
                           "pip install 'cnndiff_xr[demo]' (or scikit-image)") from err
@@ -47,7 +47,7 @@ def cat_variants(n: int, seed: int = 0) -> list[np.ndarray]:
 
 def write_image_sets(folder: Path, n_per_set: int) -> dict[str, str]:
     """Write the photo and cat sets as PNG files (the demo then reads files, as a user's run would)."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     data = _skimage_data()
     if n_per_set > len(PHOTOS):
@@ -78,18 +78,19 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Run the demo; return the path of its report. See the module docstring."""
-    import cnndiff_xr as cx  # noqa: PLC0415
-    from . import plot  # noqa: PLC0415
-    from .extraction.backends import keras as models  # noqa: PLC0415
-    from .analysis.differentiation import resample_summary, stimulus_regression  # noqa: PLC0415
-    from .extraction.cluster import get_client  # noqa: PLC0415
+    import cnndiff_xr as cx
+
+    from . import plot
+    from .analysis.differentiation import resample_summary, stimulus_regression
+    from .extraction.backends import keras as models
+    from .extraction.cluster import get_client
 
     if not isinstance(n_images, int) or n_images < 3:
         raise ValueError(f"n_images must be an int >= 3 (images per set), got {n_images!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # a rerun (perhaps with other options) starts afresh: remove what an earlier demo wrote here, and only that
-    import shutil  # noqa: PLC0415
+    import shutil
 
     for owned in ("images", "activations.zarr", "activations.zarr.lock", "figures", "results", "report.txt"):
         path = out / owned
@@ -115,7 +116,7 @@ def run_demo(
                                   dtype="float16", client=dask_client, batch_size=4, progress=progress,
                                   return_report=True)
         if warning:  # provenance: the store says so too (an attribute outside the identity checks)
-            import zarr  # noqa: PLC0415
+            import zarr
 
             zarr.open_group(str(store_path), mode="r+").attrs["warning"] = warning
             tree.attrs["warning"] = warning

@@ -21,7 +21,7 @@ LINESTYLES = ("--", "-", ":", "-.")
 
 
 def _pyplot():
-    import matplotlib.pyplot as plt  # noqa: PLC0415  (imported on first plot: analysis users never pay for it)
+    import matplotlib.pyplot as plt
 
     return plt
 

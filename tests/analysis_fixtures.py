@@ -3,7 +3,8 @@ counters and a plain numpy/scipy reference implementation of the seed's measure.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import dask
 import dask.array as da
@@ -204,7 +205,7 @@ _UNITS: dict[tuple, tuple[Any, np.ndarray]] = {}
 
 
 def unit_indices(tree: Any, layer: str, n_units: int, unit_type: str = "random", seed: int = 0,
-                 resample: int = 0, sets: Sequence[str] | None = None) -> np.ndarray:  # fmt: skip
+                 resample: int = 0, sets: Sequence[str] | None = None) -> np.ndarray:
     """Flat indices of a draw, through the public ``select_units`` (cached per tree)."""
     import cnndiff_xr.analysis.draws as sampling
 

@@ -8,10 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from tiny import TINY_SIZE, build_tiny_model, tiny_preprocess, write_pngs  # noqa: E402,F401
+import numpy as np
+import pytest
+from tiny import TINY_SIZE, build_tiny_model, tiny_preprocess, write_pngs
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,9 @@ def slow_preprocess(batch):
 
 def fault_sets():
     """48 white-noise images in two sets (generated in the workers: nothing to read, identical in every process)."""
-    import cnndiff_xr as cx
     from tiny import TINY_SIZE
+
+    import cnndiff_xr as cx
 
     size = (TINY_SIZE, TINY_SIZE)
     return {"a": cx.images.white_noise(N_PER_SET, seed=1, size=size),
@@ -41,8 +42,9 @@ def n_batches() -> int:
 
 def run_extraction(store: str, client, model=None, sets=None, **kwargs):
     """The tiny model, slow preprocessing, batches of 2, on ``client``; returns (tree, report)."""
-    import cnndiff_xr as cx
     from tiny import build_tiny_model
+
+    import cnndiff_xr as cx
 
     model = build_tiny_model() if model is None else model
     return cx.extract(fault_sets() if sets is None else sets, store=store, model=model, preprocess=slow_preprocess, client=client,

@@ -14,13 +14,12 @@ import zlib
 
 import numpy as np
 import pytest
+import real_cluster
 from PIL import Image
+from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess
 
 import cnndiff_xr as cx
 from cnndiff_xr.extraction import images, store
-
-import real_cluster
-from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess
 
 pytestmark = pytest.mark.timeout(300)
 

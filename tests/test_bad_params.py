@@ -15,12 +15,11 @@ import sys
 import numpy as np
 import pytest
 import xarray as xr
+from tiny import build_tiny_model, tiny_preprocess
 
 import cnndiff_xr as cx
 from cnndiff_xr import cli
 from cnndiff_xr.extraction import cluster, images, store
-
-from tiny import build_tiny_model, tiny_preprocess
 
 pytestmark = pytest.mark.timeout(120)
 

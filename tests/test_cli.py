@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import xarray as xr
 from PIL import Image
+from tiny import write_pngs
 
 import cnndiff_xr as cx
-
-from tiny import write_pngs
 
 CNNDIFF = str(Path(sys.executable).with_name("cnndiff"))
 LAYERS = "input_layer,Conv1_relu,out_relu,predictions"  # a light slice of MobileNetV2

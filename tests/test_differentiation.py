@@ -9,13 +9,9 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from scipy import stats
-from scipy.spatial.distance import pdist, squareform
-
-import cnndiff_xr as cx
-from analysis_fixtures import any_tree, synchronous, tree  # noqa: F401  (shared fixtures)
 from analysis_fixtures import (
     SETS,
+    any_tree,
     graph_dependents,
     layer_matrix,
     make_recording,
@@ -23,11 +19,17 @@ from analysis_fixtures import (
     raise_if_dask_computes,
     reference_distances,
     reference_reduce,
+    synchronous,
+    tree,
     tree_or_store,
     unit_indices,
 )
-from cnndiff_xr.analysis.draws import draw_units
+from scipy import stats
+from scipy.spatial.distance import pdist, squareform
+
+import cnndiff_xr as cx
 from cnndiff_xr.analysis.blocks import DISTANCE_RTOL, METRICS, NORMS
+from cnndiff_xr.analysis.draws import draw_units
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 RTOL = 1e-5
@@ -47,7 +49,7 @@ def check_against_reference(t, result, norm, metric, reduction, unit_type="rando
             for r in result["resample"].values:
                 for s in result["set"].values:
                     units = unit_indices(t, str(layer), int(n), unit_type, seed, int(r),
-                                         sets=[str(s)] if unit_type == "top" else None)  # fmt: skip
+                                         sets=[str(s)] if unit_type == "top" else None)
                     x = layer_matrix(t, str(layer), str(s), units)
                     expected = reference_reduce(reference_distances(x, norm, metric), reduction)
                     got = float(result.sel(set=s, layer=layer, n_units=n, resample=r))
@@ -60,7 +62,7 @@ def check_against_reference(t, result, norm, metric, reduction, unit_type="rando
 def test_matches_numpy_scipy_reference(any_tree, norm, metric):
     for reduction in ("median", "mean"):
         d = cx.differentiation(any_tree, n_units=[30, 10**6], norm=norm, metric=metric, reduction=reduction,
-                               resamples=2, seed=1).compute()  # fmt: skip
+                               resamples=2, seed=1).compute()
         assert d.dims == ("set", "layer", "n_units", "resample")
         assert check_against_reference(any_tree, d, norm, metric, reduction, seed=1) == d.size
 
@@ -84,7 +86,7 @@ def test_radix_select_path_matches_reference(tree, norm, metric, radix):
     # block_size=4: every set spans several row blocks, so the median takes the two-pass radix select
     for reduction in ("median", "mean"):
         d = cx.differentiation(tree, n_units=25, norm=norm, metric=metric, reduction=reduction, resamples=1,
-                               block_size=4).compute()  # fmt: skip
+                               block_size=4).compute()
         check_against_reference(tree, d, norm, metric, reduction)
 
 
@@ -170,7 +172,7 @@ def test_building_computes_nothing(any_tree):
         for unit_type in ("random", "top", "per_filter", "all"):
             d = cx.differentiation(any_tree, n_units=[10, 50], unit_type=unit_type, resamples=3)
         d2 = cx.differentiation(any_tree, n_units=10, norm="image", metric="cosine", reduction="mean",
-                                block_size=3, resamples=2)  # fmt: skip
+                                block_size=3, resamples=2)
         summary = cx.resample_summary(d2)
         ratio = cx.normalise_by_reference(d, reference=str(d.set.values[0]))
         fit = cx.stimulus_regression(d)
@@ -316,7 +318,7 @@ def test_stimulus_regression_matches_linregress():
             ref = stats.linregress(x, y)
             got = fit.sel(layer=layer, n_units=20, resample=r)
             for name, value in [("slope", ref.slope), ("intercept", ref.intercept), ("r", ref.rvalue),
-                                ("p", ref.pvalue)]:  # fmt: skip
+                                ("p", ref.pvalue)]:
                 assert float(got[name]) == pytest.approx(value, rel=1e-6, abs=1e-9), (layer, name)
             assert float(got["r2"]) == pytest.approx(ref.rvalue**2, rel=1e-6)
 
@@ -354,7 +356,7 @@ def test_offset_data_through_the_lazy_blocks():
     arr = xr.DataArray(da.from_array(x, chunks=(5, 60)), dims=("trial", "unit"), name="offset")
     for norm, metric in [c for c in COMBOS if c != ("none", "cosine")]:
         got = float(cx.differentiation(arr, n_units=60, norm=norm, metric=metric, resamples=1, block_size=4,
-                                       sample_dim="trial").squeeze())  # fmt: skip
+                                       sample_dim="trial").squeeze())
         expected = float(np.median(reference_distances(x, norm, metric)))
         assert got == pytest.approx(expected, rel=RTOL), (norm, metric)
 

@@ -7,22 +7,24 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
-from scipy.spatial.distance import pdist, squareform
-
-from analysis_fixtures import any_tree, synchronous, tree  # noqa: F401  (shared fixtures)
 from analysis_fixtures import (
     LAYERS,
+    any_tree,
     layer_matrix,
     make_recording,
     make_tree,
     raise_if_dask_computes,
     reference_distances,
+    synchronous,
+    tree,
     tree_or_store,
     unit_indices,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.spatial.distance import pdist, squareform
+
 import cnndiff_xr.analysis.blocks as distance_module
 from cnndiff_xr.analysis.blocks import DISTANCE_RTOL, METRICS, NORMS, pairwise_distances, rdm
 
@@ -210,7 +212,7 @@ def test_non_finite_activations_raise():
     "kwargs, words",
     [({"norm": "zscore"}, "norm"), ({"metric": "manhattan"}, "metric"), ({"constant": "nan"}, "constant"),
      ({"n_units": 0}, "n_units"), ({"unit_type": "max"}, "unit_type"), ({"sets": ["dogs"]}, "cats")],
-)  # fmt: skip
+)
 def test_rdm_bad_arguments_are_named(tree, kwargs, words):
     with pytest.raises((ValueError, TypeError), match=words):
         rdm(tree, "block1_conv1", **({"n_units": 10} | kwargs))
@@ -225,7 +227,7 @@ def test_rdm_needs_two_images():
 def test_synchronous_and_threaded_schedulers_agree(tree):
     r = rdm(tree, "block1_conv1", n_units=50, block_size=6)
     a = r.compute(scheduler="sync").values
-    with dask.config.set(scheduler="threads", num_workers=2):  # noqa: SIM117
+    with dask.config.set(scheduler="threads", num_workers=2):
         b = r.compute().values
     np.testing.assert_array_equal(a, b)
 

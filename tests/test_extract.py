@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from tiny import TINY_LAYERS, TINY_SIZE, build_tiny_model, tiny_preprocess
 
 import cnndiff_xr as cx
 from cnndiff_xr.extraction import images, store
 from cnndiff_xr.extraction.run import ExtractionError
-
-from tiny import TINY_LAYERS, TINY_SIZE, build_tiny_model, tiny_preprocess
 
 
 def _reference_outputs(model, sets):

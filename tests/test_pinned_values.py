@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from analysis_fixtures import make_tree, synchronous, tree_or_store
 
 import cnndiff_xr as cx
-from analysis_fixtures import make_tree, synchronous, tree_or_store  # noqa: F401
 
 PINNED = {k: np.array([float.fromhex(v) for v in vals]) for k, vals in
           json.loads((Path(__file__).parent / "pinned_values.json").read_text()).items()}

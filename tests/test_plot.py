@@ -6,11 +6,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-import cnndiff_xr as cx  # noqa: E402
-from cnndiff_xr import plot  # noqa: E402
+import cnndiff_xr as cx
+from cnndiff_xr import plot
 
 
 @pytest.fixture(scope="module")

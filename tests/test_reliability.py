@@ -17,18 +17,17 @@ import sys
 import threading
 import time
 
+import faults
 import numpy as np
 import pytest
+import real_cluster
 import xarray as xr
 import zarr
+from tiny import TINY_LAYERS, TINY_SIZE
 
 import cnndiff_xr as cx
 from cnndiff_xr.extraction import images, store
 from cnndiff_xr.extraction.run import ExtractionError
-
-import faults
-import real_cluster
-from tiny import TINY_LAYERS, TINY_SIZE
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -16,11 +16,10 @@ import sys
 import numpy as np
 import pytest
 import xarray as xr
+from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess, write_pngs
 
 import cnndiff_xr as cx
 from cnndiff_xr.extraction import images, store
-
-from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess, write_pngs
 
 pytestmark = pytest.mark.timeout(300)
 

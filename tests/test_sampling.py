@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from analysis_fixtures import LAYERS, make_recording, make_tree, raise_if_dask_computes
 
 import cnndiff_xr.analysis.draws as sampling
-from analysis_fixtures import LAYERS, make_recording, make_tree, raise_if_dask_computes
 from cnndiff_xr.analysis.draws import UnknownLabelError, draw_units, select_units, unit_seed
 
 
@@ -19,7 +19,7 @@ def test_seed_is_stable_and_specific():
     a = unit_seed(3, "block1_conv1", 200, 1).generate_state(4)
     assert np.array_equal(a, unit_seed(3, "block1_conv1", 200, 1).generate_state(4))
     for other in [(4, "block1_conv1", 200, 1), (3, "block1_conv2", 200, 1), (3, "block1_conv1", 201, 1),
-                  (3, "block1_conv1", 200, 2)]:  # fmt: skip
+                  (3, "block1_conv1", 200, 2)]:
         assert not np.array_equal(a, unit_seed(*other).generate_state(4))
 
 
@@ -154,7 +154,7 @@ def test_per_filter_needs_a_filter_dim():
     with pytest.raises(ValueError, match="filter_dim"):
         select_units(make_recording(), n_units=5, unit_type="per_filter", sample_dim="state")
     units = select_units(make_recording(), n_units=10, unit_type="per_filter", sample_dim="state",
-                         filter_dim="frequency")  # fmt: skip
+                         filter_dim="frequency")
     assert np.bincount(np.searchsorted([2.0, 4.0, 8.0, 16.0, 32.0], units["frequency"].values)).tolist() == [2] * 5
 
 

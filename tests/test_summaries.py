@@ -7,10 +7,18 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
+from analysis_fixtures import (
+    SETS,
+    any_tree,
+    make_recording,
+    make_tree,
+    raise_if_dask_computes,
+    synchronous,
+    tree,
+    tree_or_store,
+)
 
 import cnndiff_xr as cx
-from analysis_fixtures import any_tree, synchronous, tree  # noqa: F401  (shared fixtures)
-from analysis_fixtures import SETS, make_recording, make_tree, raise_if_dask_computes, tree_or_store
 
 
 def _numpy_layer(t, layer):

@@ -42,8 +42,9 @@ are recomputed in float64. Every distance is therefore within ``DISTANCE_RTOL``
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import dask
 import numpy as np
@@ -51,11 +52,11 @@ import xarray as xr
 from dask.base import tokenize
 
 from .draws import (
+    UNIT_TYPES,
     Collection,
     DrawTable,
     GraphBuilder,
     LayerData,
-    UNIT_TYPES,
     UnitPlan,
     UnitType,
     as_collection,
@@ -184,10 +185,10 @@ class Shift:
     common: np.ndarray | float = 0.0  # (m,) or a scalar
     rows: np.ndarray | None = None  # (rows,)
 
-    def take_rows(self, index: Any) -> "Shift":
+    def take_rows(self, index: Any) -> Shift:
         return Shift(self.common, None if self.rows is None else self.rows[index])
 
-    def for_dtype(self, dtype: np.dtype) -> "Shift":
+    def for_dtype(self, dtype: np.dtype) -> Shift:
         """The shift actually applied to data of ``dtype``, the same in the float32 and the
         float64 products. float64 data are shifted in float64 (a large common part cancels
         before rounding). Other data: a common vector and row offsets are rounded to
@@ -232,7 +233,7 @@ def choose_shift(stats: np.ndarray, m: int, norm: str, metric: str, mean: float,
 
 
 def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None = None,
-         *, with_sums: bool = False) -> tuple[np.ndarray, ...]:  # fmt: skip
+         *, with_sums: bool = False) -> tuple[np.ndarray, ...]:
     """Gram block of shifted rows, float32 products summed in float64.
 
     ``xb=None``: the block with itself (a symmetric rank-k update). Columns are taken
@@ -276,7 +277,7 @@ def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift |
 
 
 def exact_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`gram` in float64 throughout (the fallback for ill-conditioned pairs)."""
 
     def shifted(x, shift):
@@ -320,7 +321,7 @@ def error_bound(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, metric:
 
 
 def accurate_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None, metric: str,
-                  norm: str, *, with_sums: bool = False) -> tuple[np.ndarray, ...]:  # fmt: skip
+                  norm: str, *, with_sums: bool = False) -> tuple[np.ndarray, ...]:
     """:func:`gram`, with the pairs whose :func:`error_bound` exceeds :data:`DISTANCE_RTOL`
     recomputed in float64 (only the rows involved), so every distance is within that
     relative error of a float64 computation."""
@@ -507,7 +508,7 @@ class GroupStats:
 
     def shift(self, d: int, rows: slice, norm: str, metric: str) -> Shift:
         return choose_shift(self.stats[d][:, rows], int(self.m[d]), norm, metric, float(self.mean[d]),
-                            self.centroid[d])  # fmt: skip
+                            self.centroid[d])
 
 
 @dataclass(frozen=True)
@@ -710,13 +711,13 @@ def iter_distance_blocks(
             xb, shift_b = block_b[d], stats.shift(d, sb, norm, metric)
         g, norms_a, norms_b = accurate_gram(xa, xb, shift_a, shift_b, metric, norm)
         out = distance_block(g, norms_a, norms_b, int(stats.m[d]), norm, metric, float(stats.sd[d]),
-                             stats.degenerate[d][sa], stats.degenerate[d][sb])  # fmt: skip
+                             stats.degenerate[d][sa], stats.degenerate[d][sb])
         yield d, (_symmetrise(out) if same else out)
 
 
 def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], plan: UnitPlan, group: int,
                         n_draws: int, norm: str, metric: str, constant: str, layer: str, group_name: str,
-                        names: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
+                        names: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Row block, statistics and distances of a group that fits one row block, in one task:
     the graph's row-block, row-stats, group-stats and pair steps without moving the block
     between tasks. Yields ``(draw, distances)``."""
@@ -730,7 +731,7 @@ def one_block_distances(parts: list[np.ndarray], positions: list[np.ndarray], pl
             yield d, out
         return
     stats = _group_stats([_row_stats_task(block, n_draws)], plan, group, norm, metric, constant, layer, group_name,
-                         names)  # fmt: skip
+                         names)
     rows = (0, block[0].shape[0])
     yield from iter_distance_blocks(block, block, stats, rows, rows, norm, metric)
 
@@ -776,7 +777,7 @@ def build_groups(
         chunk_keys = block_keys(layer.data)
         gathered = {
             k: graph.add("gather", (*index, k), _gather, chunk_keys[k], rows - bounds[k], plan,
-                         None if check is None else check.key)  # fmt: skip
+                         None if check is None else check.key)
             for k, rows in chunk_rows.items()
         }
     else:
@@ -787,7 +788,7 @@ def build_groups(
         gathered_array = layer.data.map_blocks(
             _gather_in_read, plan_delayed, check, selected,
             dtype=layer.data.dtype, meta=np.empty((0,) * layer.data.ndim, layer.data.dtype),
-        )  # fmt: skip
+        )
         graph.depend(gathered_array)
         graph.depend(plan_delayed)
         plan = plan_delayed.key
@@ -810,11 +811,11 @@ def build_groups(
             blocks.append(graph.add("row-block", (*index, g, b), _row_block, *sources[-1], plan, plan_group))
             parts.append(graph.add("row-stats", (*index, g, b), _row_stats_task, blocks[-1], n_draws))
         stats = graph.add("group-stats", (*index, g), _group_stats, parts, plan, plan_group, norm, metric, constant,
-                          layer.name, name, coll.samples[rows])  # fmt: skip
+                          layer.name, name, coll.samples[rows])
         one_task = ()
         if len(row_ranges) == 1:  # whole group in one task, no row block or statistics passed around
             one_task = (*sources[0], plan, plan_group, n_draws, norm, metric, constant, layer.name, name,
-                        coll.samples[rows])  # fmt: skip
+                        coll.samples[rows])
         out.append(GroupBlocks(name, plan_group, rows, row_ranges, tuple(blocks), stats, one_task))
     return out
 
@@ -914,7 +915,7 @@ def rdm(
             for b in range(nb):
                 if a <= b:
                     graph.output((a, b), _rdm_block, group.blocks[a], group.blocks[b], group.stats, group.bounds[a],
-                                 group.bounds[b], norm, metric)  # fmt: skip
+                                 group.bounds[b], norm, metric)
                 else:
                     graph.output((a, b), np.transpose, (graph.name, b, a))
     sizes = tuple(hi - lo for lo, hi in group.bounds)

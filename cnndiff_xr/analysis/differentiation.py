@@ -21,7 +21,8 @@ float64 distances.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -30,11 +31,11 @@ from dask.base import tokenize
 
 from .blocks import (
     ConstantPolicy,
-    auto_block_size,
     GroupBlocks,
     GroupStats,
     Metric,
     Norm,
+    auto_block_size,
     build_groups,
     check_options,
     iter_distance_blocks,
@@ -156,7 +157,7 @@ def _median_from_hist(hist: np.ndarray, targets: np.ndarray, n_pairs: int) -> np
 
 
 def _one_task_output(index: np.ndarray, reduction: str, n_pairs: int, parts, positions, plan, group, n_draws: int,
-                     *rest: Any) -> np.ndarray:  # fmt: skip
+                     *rest: Any) -> np.ndarray:
     """Median or mean of every draw of a group that fits one row block, straight into its
     output chunk: the whole group is one task."""
     out = np.empty(n_draws)
@@ -200,7 +201,7 @@ def reduce_group(
     def pair_tasks(stage, func, *extra):
         return [
             graph.add(stage, (*index, a, b), func, *extra, group.blocks[a], group.blocks[b], group.stats,
-                      group.bounds[a], group.bounds[b], norm, metric)  # fmt: skip
+                      group.bounds[a], group.bounds[b], norm, metric)
             for a, b in group.pairs()
         ]
 
@@ -303,14 +304,14 @@ def differentiation(
     token = tokenize(
         [coll.layer(name).data.name for name in layer_names], groups, n_list, unit_type, norm, metric, reduction,
         resamples, seed, filter_dim, constant, block_size,
-    )  # fmt: skip
+    )
     graph = GraphBuilder(f"differentiation-{token}")
     n_used, sizes = [], []
     for li, name in enumerate(layer_names):
         layer = coll.layer(name)
         table = draw_table(layer, n_list, resamples, unit_type, seed, filter_dim)
         blocks = build_groups(graph, coll, layer, groups, table, norm=norm, metric=metric, constant=constant,
-                                    block_size=block_size, index=(li,))  # fmt: skip
+                                    block_size=block_size, index=(li,))
         for g, group in enumerate(blocks):
             if group.one_task:  # a single task from the gathered chunks to the output chunk
                 graph.output((g, li, 0, 0), _one_task_output, table.index, reduction, group.n_pairs, *group.one_task)
@@ -549,7 +550,7 @@ def rdm_regression(
     built = {}
     for li, (name, table) in enumerate(tables.items()):
         built[name] = build_groups(graph, coll, coll.layer(name), groups, table, norm=norm, metric=metric,
-                                   constant=constant, block_size=block_size, index=(li,))  # fmt: skip
+                                   constant=constant, block_size=block_size, index=(li,))
     x_groups = built[source]
     for li, name in enumerate(layer_names):
         y_groups = built[name]
@@ -557,7 +558,7 @@ def rdm_regression(
             parts = [
                 graph.add("pair-regression", (li, g, a, b), _pair_regression_sums,
                           xg.blocks[a], xg.blocks[b], xg.stats, yg.blocks[a], yg.blocks[b], yg.stats,
-                          xg.bounds[a], xg.bounds[b], norm, metric)  # fmt: skip
+                          xg.bounds[a], xg.bounds[b], norm, metric)
                 for a, b in xg.pairs()
             ]
             total = graph.reduce("regression-sums", (li, g), parts, sum_parts)
@@ -569,5 +570,5 @@ def rdm_regression(
     variables = {k: (("set", "layer"), fits[..., i]) for i, k in enumerate(names)}
     variables["n_pairs"] = (("set", "layer"), fits[..., 5].astype(np.int64))
     attrs = {"input_layer": source, "n_units": n, "unit_type": unit_type, "norm": norm, "metric": metric,
-             "seed": seed, "resample": resample}  # fmt: skip
+             "seed": seed, "resample": resample}
     return xr.Dataset(variables, coords=coords, attrs=attrs)

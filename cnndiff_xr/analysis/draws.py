@@ -18,8 +18,9 @@ values are analysed in the same call.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import dask
 import dask.array as da
@@ -458,7 +459,7 @@ class GraphBuilder:
                 self.add(stage, (*index, level, i), combine, keys[j : j + fan_in]) if len(keys[j : j + fan_in]) > 1
                 else keys[j]
                 for i, j in enumerate(range(0, len(keys), fan_in))
-            ]  # fmt: skip
+            ]
             level += 1
         return keys[0]
 
@@ -520,7 +521,7 @@ def needs_unit_means(table: DrawTable) -> bool:
 
 
 def plan_for(graph: GraphBuilder, table: DrawTable, layer: LayerData, groups: Sequence[np.ndarray],
-             index: tuple) -> tuple:  # fmt: skip
+             index: tuple) -> tuple:
     """Key of the layer's :class:`UnitPlan` (``"top"``: after a pass for the unit means)."""
     if needs_unit_means(table):
         return graph.add("plan", index, make_plan, table, group_unit_means(graph, layer, groups, index))

@@ -10,7 +10,8 @@ z-scored results cost the same.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -25,7 +26,7 @@ def _block_summary(block: np.ndarray, flags: np.ndarray, n_spatial: int) -> np.n
     """``(images, filters + 2)``: filter means, then each image's mean and centred sum of squares."""
     if not np.all(flags):
         raise ValueError(f"{int(np.size(flags) - np.count_nonzero(flags))} selected images are not completed "
-                         "in the store; finish the extraction first")  # fmt: skip
+                         "in the store; finish the extraction first")
     n_filters = block.shape[-1]
     out = np.empty((block.shape[0], n_filters + 2))
     for i, image in enumerate(block):  # one image at a time in float64 keeps the copy small
@@ -61,7 +62,7 @@ def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: s
     out = da.blockwise(
         _block_summary, "if", data, index, flags, "i",
         n_spatial=len(spatial), dtype=np.float64, concatenate=True, adjust_chunks={"f": n_filters + 2},
-    )  # fmt: skip
+    )
     return out, array[filter_dim] if filter_dim in array.coords else xr.DataArray(np.arange(n_filters), dims=filter_dim)
 
 

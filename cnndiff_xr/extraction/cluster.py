@@ -141,7 +141,7 @@ class ModelPlugin(WorkerPlugin):
             extractor = self.extractor()
             # one tiny batch now: the first call of a Keras model pays for kernel selection and allocator warm-up
             extractor.run(np.zeros((1, *extractor.input_size, 3), dtype=np.uint8))
-        except Exception as err:  # noqa: BLE001 - re-raised by the first task that asks for the model
+        except Exception as err:
             self._error = err
 
     def extractor(self) -> LayerExtractor:
@@ -154,7 +154,7 @@ class ModelPlugin(WorkerPlugin):
 
 
 def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: str = "float32") -> str:
-    import hashlib  # noqa: PLC0415
+    import hashlib
 
     return f"cnndiff-model-{spec.key}-{hashlib.sha256(repr((list(layers), dtype)).encode()).hexdigest()[:8]}"
 

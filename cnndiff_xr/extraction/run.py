@@ -48,9 +48,15 @@ import xarray as xr
 
 from . import images
 from . import store as _store
+from .backends.keras import (
+    LayerExtractor,
+    ModelSpec,
+    load_imagenet_class_labels,
+    make_spec,
+    preprocess_name,
+    weights_digest,
+)
 from .cluster import ModelPlugin, check_address, get_client, worker_extractor
-from .backends.keras import (LayerExtractor, ModelSpec, load_imagenet_class_labels, make_spec, preprocess_name,
-                     weights_digest)
 
 ON_ERROR = ("raise", "skip")
 
@@ -119,7 +125,7 @@ def _extract_batch(
     stop = start + len(refs)
     # write_empty_chunks: a chunk is a batch of whole images and never all fill value, so skip Zarr's check for it
     # (a full scan that cost more than writing the uncompressed bytes; benchmarks/RESULTS.md)
-    import zarr  # noqa: PLC0415
+    import zarr
 
     with zarr.config.set({"array.write_empty_chunks": True}):
         for name, values in activations.items():
@@ -159,7 +165,7 @@ def _validate(*, dtype: Any, batch_size: Any, resize: Any, on_error: Any, compre
     if preprocess is not None and not callable(preprocess):
         raise TypeError(f"preprocess must be a function (RGB 0..255 float batch -> model input) or None, got "
                         f"{type(preprocess).__name__}")
-    from distributed import Client  # noqa: PLC0415
+    from distributed import Client
 
     if client is not None and not isinstance(client, (str, Client)):
         raise TypeError(f"client must be None (an embedded LocalCluster), a scheduler address such as "
@@ -379,8 +385,8 @@ def _extract_locked(url, storage_options, table, *, model, weights, layers, dtyp
 
 def _run_batches(client, spec: ModelSpec, layer_list, url, storage_options, table, batch_size, resize, dtype,
                  with_predictions, progress, skipped, store_id) -> ExtractionReport:
-    from distributed import as_completed  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from distributed import as_completed
+    from tqdm.auto import tqdm
 
     done = _store.completed(url, storage_options)
     starts = list(range(0, len(table), batch_size))

@@ -96,7 +96,7 @@ def check_storage_options(storage_options: Any) -> dict[str, Any] | None:
 
 
 def _filesystem(url: str, storage_options: Mapping | None):
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
@@ -134,7 +134,7 @@ def check_compression(compression: Any, level: Any) -> tuple[str, int]:
 
 def codec(compression: str = "lz4", level: int = 1):
     """The Zarr v3 compressor for activations (None for ``"none"``)."""
-    from zarr.codecs import BloscCodec, ZstdCodec  # noqa: PLC0415
+    from zarr.codecs import BloscCodec, ZstdCodec
 
     compression, level = check_compression(compression, level)
     if compression == "zstd":
@@ -194,7 +194,7 @@ def build_layout(
 
     Activations are zero-filled dask arrays so that ``to_zarr(compute=False)`` writes only metadata and coordinates.
     """
-    import dask.array as da  # noqa: PLC0415
+    import dask.array as da
 
     n = len(table)
     image_coords = {
@@ -250,7 +250,7 @@ def create_store(tree: xr.DataTree, encoding, url: str, storage_options: Mapping
 
 def open_group(url: str, mode: str = "r", storage_options: Mapping | None = None):
     """The root Zarr group at ``url`` (``mode`` as :func:`zarr.open_group`: one of :data:`OPEN_MODES`)."""
-    import zarr  # noqa: PLC0415
+    import zarr
 
     url = check_url(url)
     storage_options = check_storage_options(storage_options)
@@ -400,7 +400,7 @@ def open_activations(url: str, storage_options: Mapping | None = None) -> xr.Dat
     image_coords = [c for c in (*IMAGE_COORDS, *PREDICTION_COORDS, "label") if c]
 
     def load(var: xr.DataArray) -> xr.DataArray:
-        import dask  # noqa: PLC0415
+        import dask
 
         # Read here with the synchronous scheduler, not whatever scheduler is active: these are a few small arrays,
         # and a distributed Client may run on machines that cannot see this store (memory://, a laptop's disk).
@@ -683,7 +683,7 @@ def layer_names(tree: xr.DataTree) -> list[str]:
 
 
 def _disk_bytes(url: str, group: str, storage_options: Mapping | None) -> int:
-    import fsspec  # noqa: PLC0415
+    import fsspec
 
     fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     try:
@@ -746,7 +746,7 @@ def provenance(*, model: str, weights: str, weights_sha256: str, input_size: Seq
                preprocessing: str, layers: Sequence[str], dtype: str, batch_size: int, compression: str,
                compression_level: int, seed: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The root attributes recorded in a new store (JSON types only)."""
-    import importlib.metadata as md  # noqa: PLC0415
+    import importlib.metadata as md
 
     def version(pkg: str) -> str:
         try:
@@ -754,7 +754,7 @@ def provenance(*, model: str, weights: str, weights_sha256: str, input_size: Seq
         except md.PackageNotFoundError:
             return "not installed"
 
-    import keras  # noqa: PLC0415
+    import keras
 
     attrs = {
         "format": FORMAT,

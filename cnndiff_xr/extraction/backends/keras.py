@@ -56,7 +56,7 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def _keras():
-    import keras  # noqa: PLC0415  (heavy; imported on first use only)
+    import keras
 
     return keras
 
@@ -107,13 +107,13 @@ CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/i
 def load_imagenet_class_labels(download: bool = False) -> list[str] | None:
     """The 1000 ImageNet class labels (what ``decode_predictions`` uses) from the Keras cache; with ``download``,
     fetched into the cache first when missing. None when they cannot be had (offline): labels are then left empty."""
-    import json  # noqa: PLC0415
+    import json
 
     index_file = keras_cache_dir() / "imagenet_class_index.json"
     if not index_file.is_file() and download:
         try:
             _keras().utils.get_file("imagenet_class_index.json", CLASS_INDEX_URL, cache_subdir="models")
-        except Exception:  # noqa: BLE001 - offline: predictions keep their class ids, labels stay empty
+        except Exception:
             return None
     if not index_file.is_file():
         return None
@@ -144,7 +144,7 @@ class ModelSpec:
         if self.model_bytes is not None:
             digest.update(self.model_bytes)
         if self.preprocess is not None:  # two runs of one model with different preprocessing are different plugins
-            import cloudpickle  # noqa: PLC0415
+            import cloudpickle
 
             digest.update(cloudpickle.dumps(self.preprocess))
         return digest.hexdigest()[:16]
@@ -162,7 +162,7 @@ class ModelSpec:
         if self.weights is None:
             # Keras initialisers draw from the global seed: the same seed builds the same weights in every process.
             # The caller's Python and numpy generators are put back afterwards (extract() must not reseed a session).
-            import random  # noqa: PLC0415
+            import random
 
             py_state, np_state = random.getstate(), np.random.get_state()
             try:
@@ -337,7 +337,7 @@ def _as_numpy(tensor: Any, keras: Any) -> np.ndarray:
     some 60 MB per VGG16 image)."""
     try:
         return np.asarray(tensor)
-    except Exception:  # noqa: BLE001 - e.g. a GPU tensor: let Keras move it
+    except Exception:
         return np.asarray(keras.ops.convert_to_numpy(tensor))
 
 
@@ -346,7 +346,7 @@ def set_tf_threads(intra_op: int = 1, inter_op: int = 1) -> None:
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(intra_op))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(inter_op))
     try:
-        import tensorflow as tf  # noqa: PLC0415
+        import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
