@@ -10,9 +10,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from . import options
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -22,12 +28,12 @@ class UsageError(ValueError):
     """A command-line argument that cannot be used; the message names it."""
 
 
-def _parse_sets(pairs: Sequence[str], frame_step: int) -> dict:
+def _parse_sets(pairs: Sequence[str], frame_step: int) -> dict[str, Any]:
     """``NAME=SPEC`` pairs: SPEC is a glob, folder, image file, ``.npy`` movie (every ``frame_step``-th frame) or
     ``noise:N[:SEED]`` (N white-noise images)."""
     from .extraction import images
 
-    sets: dict = {}
+    sets: dict[str, Any] = {}
     for pair in pairs:
         name, sep, spec = pair.partition("=")
         if not sep or not name or not spec:
@@ -50,7 +56,7 @@ def _parse_sets(pairs: Sequence[str], frame_step: int) -> dict:
     return sets
 
 
-def _parse_layers(value: str | None):
+def _parse_layers(value: str | None) -> str | list[str] | None:
     if value is None or value == "default":
         return None
     if value == "seed":
@@ -61,7 +67,7 @@ def _parse_layers(value: str | None):
     return names
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum``."""
     def parse(text: str) -> int:
         try:
@@ -78,7 +84,7 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
-def _cmd_extract(args) -> int:
+def _cmd_extract(args: argparse.Namespace) -> int:
     from .extraction.cluster import check_address
     from .extraction.run import extract
     from .extraction.store import COMPRESSION_LEVELS
@@ -112,7 +118,7 @@ def _cmd_extract(args) -> int:
     return 0
 
 
-def _cmd_info(args) -> int:
+def _cmd_info(args: argparse.Namespace) -> int:
     from .extraction import store
 
     summary = store.info(args.store)
@@ -147,7 +153,7 @@ def _check_out(path: str, overwrite: bool) -> None:
         raise UsageError(f"--out {path!r} exists; pass --overwrite to replace it")
 
 
-def _write_dataset(ds, path: str) -> None:
+def _write_dataset(ds: xr.Dataset, path: str) -> None:
     if path.endswith(".zarr"):
         ds.to_zarr(path, mode="w")
     elif path.endswith((".nc", ".nc4", ".netcdf")):
@@ -156,7 +162,7 @@ def _write_dataset(ds, path: str) -> None:
         raise UsageError(f"--out {path!r}: give a .nc (NetCDF) or .zarr path")
 
 
-def _cmd_differentiation(args) -> int:
+def _cmd_differentiation(args: argparse.Namespace) -> int:
     import xarray as xr
 
     from .analysis.differentiation import differentiation, normalise_by_reference, resample_summary
@@ -194,9 +200,9 @@ def _cmd_differentiation(args) -> int:
     return 0
 
 
-def _netcdf_attrs(attrs: dict) -> dict:
+def _netcdf_attrs(attrs: Mapping[Any, Any]) -> dict[Any, Any]:
     """NetCDF attributes have no boolean type, and HDF5 cannot store numpy unicode arrays: use ints and str."""
-    def fix(value):
+    def fix(value: Any) -> Any:
         if isinstance(value, (bool, np.bool_)):
             return int(value)
         if isinstance(value, (list, tuple, np.ndarray)):
@@ -205,7 +211,7 @@ def _netcdf_attrs(attrs: dict) -> dict:
     return {k: fix(v) for k, v in attrs.items()}
 
 
-def _cmd_summarize(args) -> int:
+def _cmd_summarize(args: argparse.Namespace) -> int:
     from .analysis.summaries import filter_means
     from .extraction.cluster import get_client
     from .extraction.store import open_activations
@@ -229,34 +235,18 @@ def _cmd_summarize(args) -> int:
     return 0
 
 
-def _cmd_plot(args) -> int:
+def _cmd_plot(args: argparse.Namespace) -> int:
+    import dask
     import xarray as xr
 
     from . import plot
-    from .analysis.differentiation import stimulus_regression
     from .extraction import store
 
-    out = args.out
-    written = []
     if store.is_store(args.source):
-        import dask
-
-        from .analysis.blocks import rdm
-        from .analysis.summaries import filter_means
-
         tree = store.open_activations(args.source)
-        note = plot.figure_note(tree.attrs)
-        layers = _names(args.layers) or tree.attrs["layers"]
-        fm, rdms = dask.compute(filter_means(tree, zscore=True, layers=layers),
-                                {layer: rdm(tree, layer=layer, n_units=args.rdm_units, seed=0) for layer in layers})
-        for layer in layers:
-            written += plot.save(plot.filter_mean_heatmap(fm[layer]["filter_mean"], note=note)[0],
-                                 os.path.join(out, "filter_means", layer))
-        last = tree.attrs["layers"][-1]
-        if tree[last]["activation"].dims == ("image", "filter"):
-            written += plot.save(plot.prediction_heatmap(tree[last]["activation"], note=note)[0],
-                                 os.path.join(out, "predictions"))
-        written += plot.save(plot.rdm_panels(rdms, note=note)[0], os.path.join(out, "rdms"))
+        inputs = plot.store_figure_inputs(tree, layers=_names(args.layers), rdm_units=args.rdm_units)
+        (computed,) = dask.compute(inputs)
+        written = plot.write_store_figures(tree, computed, args.out, note=plot.figure_note(tree.attrs))
     else:
         if not os.path.exists(args.source):
             raise UsageError(f"SOURCE {args.source!r} does not exist")
@@ -269,23 +259,16 @@ def _cmd_plot(args) -> int:
             raise UsageError(f"SOURCE {args.source!r} has no 'differentiation' variable; make it with "
                              "'cnndiff differentiation STORE --out FILE'")
         d = result["differentiation"].load()
-        note = plot.figure_note(result.attrs)
-        written += plot.save(plot.differentiation_by_layer(d, note=note)[0], os.path.join(out, "differentiation"))
         reference = args.reference or result.attrs.get("reference") or None
-        if reference:
-            if reference not in d["set"].values:
-                raise UsageError(f"--reference {reference!r} is not a set of this result: {list(d['set'].values)}")
-            written += plot.save(plot.normalised_differentiation(d, reference, note=note)[0],
-                                 os.path.join(out, f"differentiation_by_{reference}"))
-        if d.sizes["set"] >= 2 and "input_layer" in d["layer"].values:
-            written += plot.save(plot.r2_by_depth(stimulus_regression(d), note=note)[0],
-                                 os.path.join(out, "stimulus_vs_layer_r2"))
+        if reference and reference not in d["set"].values:
+            raise UsageError(f"--reference {reference!r} is not a set of this result: {list(d['set'].values)}")
+        written = plot.write_result_figures(d, args.out, reference=reference, note=plot.figure_note(result.attrs))
     for path in written:
         print(path)
     return 0
 
 
-def _cmd_demo(args) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import PHOTOS, run_demo
 
     if args.n_images > len(PHOTOS):
@@ -298,7 +281,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cluster_options(parser) -> None:
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--scheduler", default=None, metavar="ADDRESS", help="an existing Dask scheduler address")
     where.add_argument("--workers", type=_positive_int, default=None, help="local worker processes (default: cores)")
@@ -324,15 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--weights", default="imagenet", help="imagenet (default), random, or a weights file path")
     ext.add_argument("--layers", default=None, help="default (all but reshapes), seed (the seed's 21 VGG16 "
                      "layers) or a comma-separated list")
-    ext.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ext.add_argument("--dtype", default="float32", choices=options.DTYPES)
     ext.add_argument("--batch-size", type=_positive_int, default=8, help="images per task and per chunk")
-    ext.add_argument("--resize", default="nearest", choices=["nearest", "bilinear", "center_crop"])
+    ext.add_argument("--resize", default="nearest", choices=options.RESIZE_POLICIES)
     ext.add_argument("--frame-step", type=_positive_int, default=1, help="take every k-th frame of .npy movies")
     ext.add_argument("--seed", type=_non_negative_int, default=0,
                      help="seed of random weights (with --weights random)")
-    ext.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+    ext.add_argument("--on-error", default="raise", choices=options.ON_ERROR,
                      help="unreadable images: stop before writing (raise) or skip and record them")
-    ext.add_argument("--compression", default="lz4", choices=["zstd", "blosc", "lz4", "none"],
+    ext.add_argument("--compression", default="lz4", choices=options.COMPRESSIONS,
                      help="lz4 (default: blosc/lz4 with bit shuffle, the fastest), zstd (smallest), blosc "
                      "(blosc/zstd with bit shuffle), none")
     ext.add_argument("--level", type=int, default=1, help="compression level")
@@ -354,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("store", help="store path or fsspec URL")
     dif.add_argument("--n-units", default="200,10000", help="comma-separated unit counts (default 200,10000)")
     dif.add_argument("--resamples", type=_positive_int, default=10, help="independent unit draws (default 10)")
-    dif.add_argument("--unit-type", default="random", choices=["random", "top", "per_filter", "all"])
-    dif.add_argument("--norm", default="layer", choices=["layer", "image", "none"])
-    dif.add_argument("--metric", default="euclidean", choices=["euclidean", "correlation", "cosine"])
-    dif.add_argument("--reduction", default="median", choices=["median", "mean"])
+    dif.add_argument("--unit-type", default="random", choices=options.UNIT_TYPES)
+    dif.add_argument("--norm", default="layer", choices=options.NORMS)
+    dif.add_argument("--metric", default="euclidean", choices=options.METRICS)
+    dif.add_argument("--reduction", default="median", choices=options.REDUCTIONS)
     dif.add_argument("--reference", default=None, help="divide by this set's differentiation (e.g. white_noise)")
     dif.add_argument("--seed", type=_non_negative_int, default=0)
     dif.add_argument("--layers", default=None, help="comma-separated layers (default: all)")

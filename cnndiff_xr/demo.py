@@ -12,8 +12,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 # scikit-image's bundled images that load without a download (checked on scikit-image 0.26)
 PHOTOS = ("astronaut", "coffee", "rocket", "camera", "coins", "moon", "hubble_deep_field", "immunohistochemistry",
@@ -21,7 +26,7 @@ PHOTOS = ("astronaut", "coffee", "rocket", "camera", "coins", "moon", "hubble_de
 BANNER = "!" * 78
 
 
-def _skimage_data():
+def _skimage_data() -> ModuleType:
     try:
         from skimage import data
     except ImportError as err:
@@ -69,11 +74,12 @@ def write_image_sets(folder: Path, n_per_set: int) -> dict[str, str]:
 
 def run_demo(
     out: str | Path = "cnndiff-demo",
+    *,
     n_images: int = 12,
     weights: str | None = "auto",
     n_units: Sequence[int] = (200, 10000),
     resamples: int = 5,
-    client=None,
+    client: Client | str | None = None,
     n_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
@@ -81,7 +87,7 @@ def run_demo(
     import cnndiff_xr as cx
 
     from . import plot
-    from .analysis.differentiation import resample_summary, stimulus_regression
+    from .analysis.differentiation import resample_summary
     from .extraction.backends import keras as models
     from .extraction.cluster import get_client
 
@@ -108,8 +114,8 @@ def run_demo(
         say(f"{BANNER}\n{warning}\n{BANNER}")
     t0 = time.perf_counter()
     image_folder = out / "images"
-    sets = write_image_sets(image_folder, n_images)
-    sets = {"white_noise": cx.images.white_noise(n_images, seed=0), **sets}
+    sets: dict[str, Any] = {"white_noise": cx.images.white_noise(n_images, seed=0),
+                            **write_image_sets(image_folder, n_images)}
     store_path = out / "activations.zarr"
     with get_client(client, n_workers=n_workers) as dask_client:
         tree, report = cx.extract(sets, store=str(store_path), model="vgg16", weights=weights, layers="seed",
@@ -125,12 +131,11 @@ def run_demo(
         layers = tree.attrs["layers"]
         lazy = {
             "d": cx.differentiation(tree, n_units=list(n_units), resamples=resamples, seed=0),
-            "fm": cx.filter_means(tree, zscore=True),
-            "rdms": {layer: cx.rdm(tree, layer=layer, n_units=10000, seed=0) for layer in layers},
+            "figures": plot.store_figure_inputs(tree, rdm_units=10000),
         }
         say(f"analysis: {len(layers)} layers, n_units={list(n_units)}, {resamples} resamples, filter means, RDMs")
         computed = dask_client.compute(lazy, sync=True)
-    d, fm, rdms = computed["d"], computed["fm"], computed["rdms"]
+    d = computed["d"]
     t_analysis = time.perf_counter() - t1
     note = plot.figure_note(tree.attrs)
 
@@ -139,18 +144,8 @@ def run_demo(
     d.to_netcdf(results / "differentiation.nc")
     d.to_dataframe(name="differentiation").to_csv(results / "differentiation.csv")
     figures = out / "figures"
-    written = []
-    written += plot.save(plot.differentiation_by_layer(d, note=note)[0], figures / "differentiation")
-    written += plot.save(plot.normalised_differentiation(d, "white_noise", note=note)[0],
-                         figures / "differentiation_by_white_noise")
-    written += plot.save(plot.r2_by_depth(stimulus_regression(d), note=note)[0],
-                         figures / "stimulus_vs_layer_r2")
-    written += plot.save(plot.prediction_heatmap(tree["predictions"]["activation"], note=note)[0],
-                         figures / "predictions")
-    for layer in layers:
-        written += plot.save(plot.filter_mean_heatmap(fm[layer]["filter_mean"], note=note)[0],
-                             figures / "filter_means" / layer, formats=("png",))
-    written += plot.save(plot.rdm_panels(rdms, note=note)[0], figures / "rdms")
+    written = plot.write_result_figures(d, figures, reference="white_noise", note=note)
+    written += plot.write_store_figures(tree, computed["figures"], figures, note=note)
 
     summary = resample_summary(d)["mean"]
     lines = [

@@ -8,25 +8,32 @@ Layer names are the x ticks, rotated as in the seed's plots. :func:`save` writes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
+from . import schema
 from .analysis.differentiation import normalise_by_reference, resample_summary
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is made, not with the package
+    from types import ModuleType
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure, SubFigure
 
 LINESTYLES = ("--", "-", ":", "-.")
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def _axes(ax, figsize):
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure | SubFigure, Axes]:
     plt = _pyplot()
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize, layout="constrained")
@@ -34,7 +41,7 @@ def _axes(ax, figsize):
     return ax.figure, ax
 
 
-def _layer_ticks(ax, layers: Sequence[str]) -> None:
+def _layer_ticks(ax: Axes, layers: Sequence[str]) -> None:
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=8)
     ax.set_xlim(-0.5, len(layers) - 0.5)
@@ -44,7 +51,7 @@ def _with_suffix(title: str, suffix: str | None) -> str:
     return f"{title}\n{suffix}" if suffix else title
 
 
-def _line_panel(ax, d: xr.DataArray, interval: float, ylabel: str) -> None:
+def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str) -> None:
     """One line per set (colour) and n_units (line style), with the resample interval as a band."""
     d = d.compute()
     layers = [str(v) for v in d["layer"].values]
@@ -70,8 +77,8 @@ def _line_panel(ax, d: xr.DataArray, interval: float, ylabel: str) -> None:
     ax.legend(fontsize=7, ncol=2)
 
 
-def differentiation_by_layer(d: xr.DataArray, ax=None, *, interval: float = 0.95, title: str | None = None,
-                             note: str | None = None):
+def differentiation_by_layer(d: xr.DataArray, ax: Axes | None = None, *, interval: float = 0.95,
+                             title: str | None = None, note: str | None = None) -> tuple[Figure | SubFigure, Axes]:
     """Differentiation by layer: a line per set, a line style per ``n_units``, a band for the resample interval.
 
     ``d`` is :func:`cnndiff_xr.differentiation` output (dims set, layer, n_units, resample).
@@ -82,8 +89,9 @@ def differentiation_by_layer(d: xr.DataArray, ax=None, *, interval: float = 0.95
     return fig, ax
 
 
-def normalised_differentiation(d: xr.DataArray, reference: str = "white_noise", ax=None, *,
-                               interval: float = 0.95, title: str | None = None, note: str | None = None):
+def normalised_differentiation(d: xr.DataArray, reference: str = "white_noise", ax: Axes | None = None, *,
+                               interval: float = 0.95, title: str | None = None,
+                               note: str | None = None) -> tuple[Figure | SubFigure, Axes]:
     """Differentiation divided by the reference set's (per layer and draw), the seed's "normalised by noise"."""
     fig, ax = _axes(ax, (12, 4.5))
     ratio = normalise_by_reference(d.compute(), reference=reference, drop=True)
@@ -98,8 +106,9 @@ def _sets_of(da_: xr.DataArray, sets: Sequence[str] | None) -> list[str]:
     return present if sets is None else [s for s in sets if s in present]
 
 
-def filter_mean_heatmap(fm: xr.DataArray, fig=None, *, sets: Sequence[str] | None = None, vmin: float = -1,
-                        vmax: float = 1, title: str | None = None, note: str | None = None):
+def filter_mean_heatmap(fm: xr.DataArray, fig: Figure | None = None, *, sets: Sequence[str] | None = None,
+                        vmin: float = -1, vmax: float = 1, title: str | None = None,
+                        note: str | None = None) -> tuple[Figure, np.ndarray]:
     """Filter means of one layer as heatmaps (image x filter), one panel per set (the seed's figure).
 
     ``fm`` is one layer of :func:`cnndiff_xr.filter_means` (dims image, filter; coordinate ``set``).
@@ -111,7 +120,7 @@ def filter_mean_heatmap(fm: xr.DataArray, fig=None, *, sets: Sequence[str] | Non
         fig = plt.figure(figsize=(5 * len(names) + 1, 3), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     image = None
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=True):
         part = fm.isel(image=np.asarray(fm["set"].values == name))
         image = ax.imshow(part.values, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax,
                           cmap="viridis")
@@ -125,8 +134,8 @@ def filter_mean_heatmap(fm: xr.DataArray, fig=None, *, sets: Sequence[str] | Non
     return fig, axes
 
 
-def prediction_heatmap(predictions: xr.DataArray, fig=None, *, sets: Sequence[str] | None = None,
-                       title: str | None = None, note: str | None = None):
+def prediction_heatmap(predictions: xr.DataArray, fig: Figure | None = None, *, sets: Sequence[str] | None = None,
+                       title: str | None = None, note: str | None = None) -> tuple[Figure, np.ndarray]:
     """The prediction layer's activations (image x class), one panel per set (the seed's first figure)."""
     plt = _pyplot()
     predictions = predictions.compute()
@@ -134,7 +143,7 @@ def prediction_heatmap(predictions: xr.DataArray, fig=None, *, sets: Sequence[st
     if fig is None:
         fig = plt.figure(figsize=(14, 1.2 + 1.3 * len(names)), layout="constrained")
     axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
-    for ax, name in zip(axes, names):
+    for ax, name in zip(axes, names, strict=True):
         part = predictions.isel(image=np.asarray(predictions["set"].values == name))
         ax.imshow(part.values, aspect="auto", interpolation="nearest", vmin=0, vmax=max(float(part.max()), 1e-9))
         ax.set_ylabel(name, fontsize=8)
@@ -144,8 +153,8 @@ def prediction_heatmap(predictions: xr.DataArray, fig=None, *, sets: Sequence[st
     return fig, axes
 
 
-def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig=None, *, ncols: int = 6,
-               title: str | None = None, note: str | None = None):
+def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig: Figure | None = None, *, ncols: int = 6,
+               title: str | None = None, note: str | None = None) -> tuple[Figure, np.ndarray]:
     """RDMs (image x image) per layer, one panel each, sharing one colour scale."""
     plt = _pyplot()
     if isinstance(rdms, xr.DataArray):
@@ -159,7 +168,7 @@ def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig=None, *, ncols:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     vmax = max(float(np.nanmax(v.values)) for v in rdms.values()) if rdms else 1.0
     image = None
-    for ax, (layer, values) in zip(axes, rdms.items()):
+    for ax, (layer, values) in zip(axes, rdms.items(), strict=False):  # the grid may have spare panels
         image = ax.imshow(values.values, vmin=0, vmax=vmax, cmap="magma", interpolation="nearest")
         ax.set_title(layer, fontsize=8)
         ax.set_xticks([])
@@ -172,7 +181,8 @@ def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig=None, *, ncols:
     return fig, axes[:n]
 
 
-def r2_by_depth(regression: xr.Dataset, ax=None, *, title: str | None = None, note: str | None = None):
+def r2_by_depth(regression: xr.Dataset, ax: Axes | None = None, *, title: str | None = None,
+                note: str | None = None) -> tuple[Figure | SubFigure, Axes]:
     """R² of layer differentiation regressed on input differentiation across sets, by layer depth.
 
     ``regression`` is :func:`cnndiff_xr.differentiation.stimulus_regression` output (``r2`` over layer and
@@ -198,22 +208,83 @@ def r2_by_depth(regression: xr.Dataset, ax=None, *, title: str | None = None, no
     return fig, ax
 
 
-def save(fig, path_stem: str | Path, formats: Sequence[str] = ("png", "svg"), dpi: int = 110) -> list[Path]:
+def save(fig: Figure | SubFigure, path_stem: str | Path, formats: Sequence[str] = ("png", "svg"),
+         dpi: int = 110) -> list[Path]:
     """Write ``fig`` as ``<path_stem>.png`` and ``.svg`` (or the given formats) and close it."""
+    root = fig.get_figure(root=True)  # a Figure is its own root; a SubFigure is saved with its whole figure
+    assert root is not None
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
         path = stem.with_suffix(f".{fmt}")
-        fig.savefig(path, dpi=dpi)
+        root.savefig(path, dpi=dpi)
         paths.append(path)
-    _pyplot().close(fig)
+    _pyplot().close(root)
     return paths
 
 
-def figure_note(attrs: dict[str, Any]) -> str | None:
+def figure_note(attrs: Mapping[Any, Any]) -> str | None:
     """A loud note for figures made with random weights (from a store's provenance)."""
     weights = str(attrs.get("weights", ""))
     if weights.startswith("random"):
         return f"RANDOM WEIGHTS ({weights}) — not ImageNet: these numbers are not the seed's"
     return None
+
+
+# ------------------------------------------------------------------------------------------------ figure sets
+# The CLI (`cnndiff plot`) and the demo write their figures through these three functions, so both make the same
+# figures with the same names.
+
+#: formats of the one-per-layer heatmaps (a store has up to ~20 layers: PNG only keeps the folder small)
+HEATMAP_FORMATS = ("png",)
+
+
+def store_figure_inputs(tree: xr.DataTree, *, layers: Sequence[str] | None = None,
+                        rdm_units: int = 10000) -> dict[str, Any]:
+    """The lazy analyses behind :func:`write_store_figures`: ``{"filter_means": <DataTree>, "rdms": {layer: RDM}}``.
+
+    Computed together (``dask.compute`` or ``client.compute``), each layer's chunks are read once for both.
+    """
+    import cnndiff_xr as cx
+
+    chosen = list(layers) if layers is not None else list(tree.attrs[schema.LAYERS_ATTR])
+    return {
+        "filter_means": cx.filter_means(tree, zscore=True, layers=chosen),
+        "rdms": {layer: cx.rdm(tree, layer=layer, n_units=rdm_units, seed=0) for layer in chosen},
+    }
+
+
+def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Path, *,
+                        note: str | None = None) -> list[Path]:
+    """Filter-mean heatmaps (``filter_means/<layer>``), the prediction heatmap (``predictions``, when the store's last
+    layer is a dense layer) and the RDM panels (``rdms``) under ``out``, from :func:`store_figure_inputs` computed.
+    Returns the paths written."""
+    out = Path(out)
+    fm, rdms = inputs["filter_means"], inputs["rdms"]
+    written: list[Path] = []
+    for layer in rdms:
+        written += save(filter_mean_heatmap(fm[layer]["filter_mean"], note=note)[0], out / "filter_means" / layer,
+                        formats=HEATMAP_FORMATS)
+    last = tree.attrs[schema.LAYERS_ATTR][-1]
+    predictions = tree[last].dataset[schema.ACTIVATION]
+    if predictions.dims == (schema.IMAGE_DIM, schema.FILTER_DIM):
+        written += save(prediction_heatmap(predictions, note=note)[0], out / "predictions")
+    written += save(rdm_panels(rdms, note=note)[0], out / "rdms")
+    return written
+
+
+def write_result_figures(d: xr.DataArray, out: str | Path, *, reference: str | None = None,
+                         note: str | None = None) -> list[Path]:
+    """Differentiation by layer (``differentiation``), normalised by ``reference`` (``differentiation_by_<ref>``)
+    and, with two or more sets and the input layer, R² by depth (``stimulus_vs_layer_r2``) under ``out``.
+    Returns the paths written."""
+    import cnndiff_xr as cx
+
+    out = Path(out)
+    written = save(differentiation_by_layer(d, note=note)[0], out / "differentiation")
+    if reference:
+        written += save(normalised_differentiation(d, reference, note=note)[0], out / f"differentiation_by_{reference}")
+    if d.sizes["set"] >= 2 and schema.INPUT_LAYER in d["layer"].values:
+        written += save(r2_by_depth(cx.stimulus_regression(d), note=note)[0], out / "stimulus_vs_layer_r2")
+    return written
