@@ -103,7 +103,8 @@ def main() -> None:
                 info = cx.store.info(store)
                 print(f"corpus: {info['n_images']} images, {len(tree.attrs['layers'])} layers, "
                       f"{tree[tree.attrs['layers'][0]]['activation'].dtype}, "
-                      f"{info['uncompressed_bytes'] / 1e9:.2f} GB uncompressed, {info['disk_bytes'] / 1e9:.2f} GB on disk")
+                      f"{info['uncompressed_bytes'] / 1e9:.2f} GB uncompressed, "
+                      f"{info['disk_bytes'] / 1e9:.2f} GB on disk")
                 for label, where in (("threads", None), ("processes", client)):
                     times = measure(cx, tree, where, args.resamples, args.rounds)
                     rows.append((dtype, label, times))

@@ -16,7 +16,7 @@ Columns:
   gram64     information only: the float64 Gram kernel this replaced (one float64 copy,
              row statistics, mean shift, dsyrk)
   largest relative difference: of any single distance, Gram kernel vs pdist (the
-             package promises <= 1e-5, cnndiff_xr.analysis.blocks.DISTANCE_RTOL)
+             package promises <= 1e-5, cnndiff_xr.analysis.gram.DISTANCE_RTOL)
 
 Run: ``python benchmarks/bench_distances.py`` (about a minute; ``--quick`` skips
 1000 x 100k).
@@ -114,10 +114,10 @@ def main() -> None:
     rows = []
     for n, m in sizes:
         x = sampled_matrix(n, m)
-        t_pdist, condensed = best_of(lambda: seed_recipe(x), 1 if n * m > 5e7 else args.repeats)
-        t_gram, square = best_of(lambda: gram_kernel(x), args.repeats)
-        t_lazy, lazy = best_of(lambda: lazy_median(x), args.repeats)
-        t_64, _ = best_of(lambda: gram64(x), args.repeats)
+        t_pdist, condensed = best_of(lambda x=x: seed_recipe(x), 1 if n * m > 5e7 else args.repeats)
+        t_gram, square = best_of(lambda x=x: gram_kernel(x), args.repeats)
+        t_lazy, lazy = best_of(lambda x=x: lazy_median(x), args.repeats)
+        t_64, _ = best_of(lambda x=x: gram64(x), args.repeats)
         reference = float(np.median(condensed))
         upper = square[np.triu_indices(n, 1)]
         max_rel = float(np.max(np.abs(upper - condensed) / condensed))

@@ -12,15 +12,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from .analysis.differentiation import (
-    differentiation,
-    normalise_by_reference,
-    rdm,
-    rdm_regression,
-    resample_summary,
-    stimulus_regression,
-)
+from .analysis.differentiation import differentiation
 from .analysis.draws import select_units
+from .analysis.rdm import rdm
+from .analysis.regression import rdm_regression, stimulus_regression
+from .analysis.results import normalise_by_reference, resample_summary
 from .analysis.summaries import filter_means, layer_means
 from .extraction import images, store
 from .extraction.run import extract

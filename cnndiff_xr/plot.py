@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from . import schema
-from .analysis.differentiation import normalise_by_reference, resample_summary
+from .analysis.results import normalise_by_reference, resample_summary
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is made, not with the package
     from types import ModuleType

@@ -115,7 +115,8 @@ def make_tree(
         raw[name] = source
         data = da.from_array(source, chunks=(chunk,) + shape, name=f"activation-{name}-{seed}-{dtype}-{chunk}")
         dims = ("image", "filter") if dense else ("image", "y", "x", "filter")
-        coords: dict[str, Any] = {"set": ("image", labels), "source": ("image", sources), "filter": np.arange(shape[-1])}
+        coords: dict[str, Any] = {"set": ("image", labels), "source": ("image", sources),
+                                  "filter": np.arange(shape[-1])}
         if not dense:
             coords |= {"y": np.arange(shape[0]), "x": np.arange(shape[1])}
         nodes[f"/{name}"] = xr.Dataset({"activation": (dims, data)}, coords=coords)
@@ -207,11 +208,12 @@ _UNITS: dict[tuple, tuple[Any, np.ndarray]] = {}
 def unit_indices(tree: Any, layer: str, n_units: int, unit_type: str = "random", seed: int = 0,
                  resample: int = 0, sets: Sequence[str] | None = None) -> np.ndarray:
     """Flat indices of a draw, through the public ``select_units`` (cached per tree)."""
-    import cnndiff_xr.analysis.draws as sampling
+    from cnndiff_xr.analysis.draws import select_units
 
     key = (id(tree), layer, n_units, unit_type, seed, resample, tuple(sets or ()))
     if key not in _UNITS:
-        units = sampling.select_units(tree, layer, n_units, unit_type, seed, resample, sets=sets)
+        units = select_units(tree, layer, n_units=n_units, unit_type=unit_type, seed=seed, resample=resample,
+                             sets=sets)
         _UNITS[key] = tree, np.asarray(units["flat_index"].values)
     held, units = _UNITS[key]
     assert held is tree

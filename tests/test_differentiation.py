@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 
 import dask
 import dask.array as da
@@ -28,13 +28,13 @@ from scipy import stats
 from scipy.spatial.distance import pdist, squareform
 
 import cnndiff_xr as cx
-from cnndiff_xr.analysis.blocks import DISTANCE_RTOL, METRICS, NORMS
+from cnndiff_xr.analysis import median, metrics
 from cnndiff_xr.analysis.draws import draw_units
+from cnndiff_xr.analysis.gram import DISTANCE_RTOL
+from cnndiff_xr.options import METRICS, NORMS
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 RTOL = 1e-5
-# the module (cnndiff_xr.differentiation is the re-exported function)
-differentiation_module = importlib.import_module("cnndiff_xr.analysis.differentiation")
 
 
 def _layers(t: xr.DataTree) -> list[str]:
@@ -72,13 +72,13 @@ def test_one_task_median_is_numpy_median_bit_for_bit():
     for size in (1, 2, 3, 276, 277, 4950):
         values = rng.random(size) * rng.integers(1, 10**6)
         values[: size // 3] = values[-1]  # ties
-        assert differentiation_module._median(values) == np.median(values), size
+        assert median.partition_median(values) == np.median(values), size
 
 
 @pytest.fixture
 def radix(monkeypatch):
     """Force the two-pass radix select for every set that spans several row blocks."""
-    monkeypatch.setattr(differentiation_module, "MEDIAN_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(median, "MEDIAN_IN_MEMORY_BYTES", 0)
 
 
 @pytest.mark.parametrize("norm, metric", COMBOS)
@@ -117,12 +117,23 @@ def test_exact_median_of_thousands_of_images(n, radix):
         assert abs(got - expected) <= 1e-7 * expected, (norm, got, expected)
 
 
+def test_radix_select_refuses_a_distance_that_may_be_negative(tree, radix, monkeypatch):
+    """The radix select orders distances by their float32 bits: a spec that does not promise non-negative values
+    is refused when the graph is built (one that sets fit in one block or that collects takes no radix select)."""
+    signed = dataclasses.replace(metrics.DISTANCES[("layer", "euclidean")], non_negative=False)
+    monkeypatch.setattr(metrics, "DISTANCES", {**metrics.DISTANCES, ("layer", "euclidean"): signed})
+    with pytest.raises(ValueError, match="non-negative"):
+        cx.differentiation(tree, n_units=10, resamples=1, block_size=4)
+    cx.differentiation(tree, n_units=10, resamples=1)  # one block per set: no radix select
+    cx.differentiation(tree, n_units=10, resamples=1, block_size=4, reduction="mean")
+
+
 def test_single_block_collected_and_radix_paths_agree(tree, monkeypatch):
     one = cx.differentiation(tree, n_units=[15, 50], resamples=3).compute()
     collected = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
     # other row blocks -> other float32 product shapes: each within DISTANCE_RTOL of float64
     np.testing.assert_allclose(one.values, collected.values, rtol=2 * DISTANCE_RTOL)
-    monkeypatch.setattr(differentiation_module, "MEDIAN_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(median, "MEDIAN_IN_MEMORY_BYTES", 0)
     radix = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
     np.testing.assert_allclose(one.values, radix.values, rtol=2 * DISTANCE_RTOL)
 

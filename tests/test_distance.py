@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import pickle
+
 import dask
 import dask.array as da
 import numpy as np
@@ -25,8 +28,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.spatial.distance import pdist, squareform
 
-import cnndiff_xr.analysis.blocks as distance_module
-from cnndiff_xr.analysis.blocks import DISTANCE_RTOL, METRICS, NORMS, pairwise_distances, rdm
+from cnndiff_xr.analysis import blocks, float16, gram
+from cnndiff_xr.analysis.blocks import pairwise_distances
+from cnndiff_xr.analysis.gram import DISTANCE_RTOL
+from cnndiff_xr.analysis.metrics import DISTANCES, distance_spec
+from cnndiff_xr.analysis.rdm import rdm
+from cnndiff_xr.options import METRICS, NORMS
+from cnndiff_xr.validation import ChoiceError
 
 COMBOS = [(norm, metric) for norm in NORMS for metric in METRICS]
 settings.register_profile("analysis", max_examples=30, deadline=None)
@@ -37,7 +45,7 @@ settings.load_profile("analysis")
 def test_pairwise_matches_scipy(norm, metric):
     rng = np.random.default_rng(0)
     x = np.maximum(rng.normal(1.0, 1.0, size=(25, 300)), 0).astype(np.float32)
-    got = squareform(pairwise_distances(x, norm, metric), checks=False)
+    got = squareform(pairwise_distances(x, norm=norm, metric=metric), checks=False)
     np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=DISTANCE_RTOL, atol=1e-12)
 
 
@@ -90,7 +98,19 @@ def test_rdm_of_a_recording():
     from cnndiff_xr.analysis.draws import draw_units
 
     units = draw_units((12, 5), 20, seed=0, layer="lfp_power")
-    np.testing.assert_allclose(r.values, squareform(reference_distances(x[:, units], "layer", "euclidean")), rtol=DISTANCE_RTOL)
+    expected = squareform(reference_distances(x[:, units], "layer", "euclidean"))
+    np.testing.assert_allclose(r.values, expected, rtol=DISTANCE_RTOL)
+
+
+# --------------------------------------------------------------------------- the registry
+def test_the_registry_holds_one_spec_per_norm_and_metric():
+    assert set(DISTANCES) == set(itertools.product(NORMS, METRICS))
+    for (norm, metric), spec in DISTANCES.items():
+        assert spec.key == (norm, metric) and distance_spec(norm, metric) is spec
+        assert spec.non_negative  # the radix-select median relies on it
+        assert pickle.loads(pickle.dumps(spec)) is spec  # a task argument travels as its key
+    with pytest.raises(ChoiceError, match="metric='manhattan'"):
+        distance_spec("layer", "manhattan")
 
 
 # --------------------------------------------------------------------------- invariants
@@ -103,7 +123,7 @@ matrices = st.integers(2, 9).flatmap(
 
 @given(x=matrices, norm=st.sampled_from(NORMS), metric=st.sampled_from(METRICS))
 def test_distance_invariants(x, norm, metric):
-    d = pairwise_distances(x, norm, metric, constant="zero")
+    d = pairwise_distances(x, norm=norm, metric=metric, constant="zero")
     assert np.all(np.isfinite(d))
     assert np.all(np.diag(d) == 0)
     np.testing.assert_array_equal(d, d.T)
@@ -118,8 +138,8 @@ def test_image_norm_is_a_function_of_correlation(x):
     x = x[spread > 1e-6 * np.maximum(np.abs(x).max(axis=1), 1)]
     if x.shape[0] < 2:
         return
-    euclid = pairwise_distances(x, "image", "euclidean")
-    corr = pairwise_distances(x, "image", "correlation")
+    euclid = pairwise_distances(x, norm="image", metric="euclidean")
+    corr = pairwise_distances(x, norm="image", metric="correlation")
     np.testing.assert_allclose(euclid, np.sqrt(2 * corr), atol=1e-6)
 
 
@@ -127,7 +147,7 @@ def test_image_norm_is_a_function_of_correlation(x):
 @settings(max_examples=15, deadline=None)
 def test_uncorrelated_zscored_vectors_are_sqrt2_apart(seed, n, m):
     x = np.random.default_rng(seed).normal(size=(n, m))
-    d = squareform(pairwise_distances(x, "layer", "euclidean"))
+    d = squareform(pairwise_distances(x, norm="layer", metric="euclidean"))
     assert abs(np.median(d) - np.sqrt(2)) < 0.1
     assert np.all(np.abs(d - np.sqrt(2)) < 0.25)
 
@@ -136,8 +156,8 @@ def test_uncorrelated_zscored_vectors_are_sqrt2_apart(seed, n, m):
 def test_layer_norm_ignores_affine_rescaling(x, shift, scale):
     if x.std() < 1e-3:
         return
-    a = pairwise_distances(x, "layer", "euclidean")
-    b = pairwise_distances(x * scale + shift, "layer", "euclidean")
+    a = pairwise_distances(x, norm="layer", metric="euclidean")
+    b = pairwise_distances(x * scale + shift, norm="layer", metric="euclidean")
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -165,7 +185,7 @@ def _with_constant_rows():
 @pytest.mark.parametrize("norm, metric", [("image", "euclidean"), ("layer", "correlation"), ("none", "cosine")])
 def test_constant_vectors_raise_by_default(norm, metric):
     with pytest.raises(ValueError, match="constant|all-zero"):
-        pairwise_distances(_with_constant_rows(), norm, metric)
+        pairwise_distances(_with_constant_rows(), norm=norm, metric=metric)
 
 
 def test_constant_vector_error_names_layer_set_and_image(tree):
@@ -184,21 +204,21 @@ def test_constant_vector_error_names_layer_set_and_image(tree):
 
 def test_constant_zero_policy_values():
     x = _with_constant_rows()
-    d = pairwise_distances(x, "image", "euclidean", constant="zero")
+    d = pairwise_distances(x, norm="image", metric="euclidean", constant="zero")
     assert d[1, 4] == 0  # two constant vectors: both z-score to zero
     np.testing.assert_allclose(d[1, [0, 2, 3, 5]], 1.0)  # zero vs a unit-variance pattern
-    c = pairwise_distances(x, "none", "correlation", constant="zero")
+    c = pairwise_distances(x, norm="none", metric="correlation", constant="zero")
     np.testing.assert_allclose(c[1, [0, 2, 3, 4, 5]], 1.0)
-    cos = pairwise_distances(x, "none", "cosine", constant="zero")
+    cos = pairwise_distances(x, norm="none", metric="cosine", constant="zero")
     np.testing.assert_allclose(cos[1, [0, 2, 3, 4, 5]], 1.0)
     assert 0 <= cos[4, 0] < 1  # constant but non-zero is fine for raw cosine
 
 
 def test_identical_vectors_under_layer_norm_are_zero_apart():
     x = np.full((4, 7), 3.0)
-    np.testing.assert_array_equal(pairwise_distances(x, "layer", "euclidean"), 0.0)
+    np.testing.assert_array_equal(pairwise_distances(x, norm="layer", metric="euclidean"), 0.0)
     with pytest.raises(ValueError, match="constant"):
-        pairwise_distances(x, "layer", "cosine")
+        pairwise_distances(x, norm="layer", metric="cosine")
 
 
 def test_non_finite_activations_raise():
@@ -238,7 +258,7 @@ def test_rows_far_from_zero_keep_their_precision(norm, metric):
     # (raw cosine of such vectors is ill-conditioned by definition, in scipy too)
     x = 1e4 + 1e-3 * np.random.default_rng(2).normal(size=(12, 200))
     x[:, :50] += 5e-3 * np.arange(12)[:, None]  # rows with slightly different offsets
-    got = squareform(pairwise_distances(x, norm, metric), checks=False)
+    got = squareform(pairwise_distances(x, norm=norm, metric=metric), checks=False)
     np.testing.assert_allclose(got, reference_distances(x, norm, metric), rtol=1e-5)
 
 
@@ -259,9 +279,9 @@ def _correlated_rows(n: int, m: int, r: float, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("r", [0.0, 0.999])
 def test_float32_products_stay_within_the_documented_tolerance(monkeypatch, norm, metric, r):
     # small column blocks: many float32 partial products summed in float64, as at 100k units
-    monkeypatch.setattr(distance_module, "GRAM_BLOCK_COLUMNS", 256)
+    monkeypatch.setattr(gram, "GRAM_BLOCK_COLUMNS", 256)
     x = _correlated_rows(40, 3000, r)
-    got = squareform(pairwise_distances(x, norm, metric), checks=False)
+    got = squareform(pairwise_distances(x, norm=norm, metric=metric), checks=False)
     expected = reference_distances(x, norm, metric)
     # relative everywhere, except the exact duplicate (distance 0): a Gram-based distance of
     # identical vectors is sqrt(float64 rounding), ~1e-7..1e-5 of a typical distance
@@ -272,14 +292,14 @@ def test_float32_products_stay_within_the_documented_tolerance(monkeypatch, norm
 
 def test_error_bound_covers_the_measured_float32_error():
     x = _correlated_rows(30, 5000, 0.9, seed=3)
-    shift = distance_module.Shift(common=x.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
-    g32, n32, _ = distance_module.gram(x, None, shift)
-    g64, n64, _ = distance_module.exact_gram(x, None, shift)
+    shift = gram.Shift(common=x.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+    g32, n32, _ = gram.gram(x, None, shift)
+    g64, n64, _ = gram.exact_gram(x, None, shift)
     d32 = np.sqrt(np.maximum(n32[:, None] + n32[None, :] - 2 * g32, 0))
     d64 = np.sqrt(np.maximum(n64[:, None] + n64[None, :] - 2 * g64, 0))
     off = ~np.eye(30, dtype=bool) & (d64 > 0)
     measured = np.abs(d32 - d64)[off] / d64[off]
-    bound = distance_module.error_bound(g32, n32, n32, "euclidean", "layer")[off]
+    bound = distance_spec("layer", "euclidean").error_bound(g32, n32, n32)[off]
     assert np.all(measured <= bound)
     assert np.median(bound) < DISTANCE_RTOL  # typical pairs need no float64 pass
     assert measured.max() > 0  # float32 products really ran
@@ -287,13 +307,13 @@ def test_error_bound_covers_the_measured_float32_error():
 
 def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
     calls = []
-    original = distance_module.exact_gram
+    original = gram.exact_gram
 
     def spy(xa, xb, *args):
         calls.append(xa.shape[0])
         return original(xa, xb, *args)
 
-    monkeypatch.setattr(distance_module, "exact_gram", spy)
+    monkeypatch.setattr(gram, "exact_gram", spy)
     x = _correlated_rows(50, 2000, 0.0)
     pairwise_distances(x)
     assert calls and calls[0] < 10  # the duplicate and near-duplicate rows, not all 50
@@ -322,37 +342,37 @@ def test_lazy_constant_layer_has_zero_distances():
 
 
 def half_to_float_shape_kept(shape):
-    got = distance_module.half_to_float(np.zeros(shape, np.float16))
+    got = float16.half_to_float(np.zeros(shape, np.float16))
     return got.shape == shape and got.dtype == np.float32
 
 
 def test_half_to_float_is_bit_identical_to_numpy_cast():
     # every float16 bit pattern: zeros of both signs, subnormals, normals, infinities, NaN payloads
     every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
-    got = distance_module.half_to_float(every)
+    got = float16.half_to_float(every)
     assert got.dtype == np.float32 and got.shape == every.shape
     assert np.array_equal(got.view(np.uint32), every.astype(np.float32).view(np.uint32))
     assert half_to_float_shape_kept((0, 3)) and half_to_float_shape_kept((2, 0))
     strided = every[::3, 1::2]  # not contiguous
-    assert np.array_equal(distance_module.half_to_float(strided).view(np.uint32),
+    assert np.array_equal(float16.half_to_float(strided).view(np.uint32),
                           strided.astype(np.float32).view(np.uint32))
     out = np.full((every.shape[0], 100), np.nan, np.float32)
-    assert distance_module.half_to_float(every[:, 50:150], out) is out  # a column slice, into a given array
+    assert float16.half_to_float(every[:, 50:150], out) is out  # a column slice, into a given array
     assert np.array_equal(out.view(np.uint32), every[:, 50:150].astype(np.float32).view(np.uint32))
     with pytest.raises(ValueError, match="C-contiguous"):
-        distance_module.half_to_float(every[:, :10], np.empty((256, 20), np.float32)[:, ::2])
+        float16.half_to_float(every[:, :10], np.empty((256, 20), np.float32)[:, ::2])
 
 
 def test_half_to_float_shifts_finite_non_negative_values_without_the_table(monkeypatch):
     # every finite non-negative float16 (zero, subnormals, normals up to 65504), in rows and flat
     finite = np.arange(0x7C00, dtype=np.uint16).view(np.float16)
-    monkeypatch.setattr(distance_module, "_HALF_TO_FLOAT", np.zeros(2**16, np.float32))  # a lookup would give 0
+    monkeypatch.setattr(float16, "_HALF_TO_FLOAT", np.zeros(2**16, np.float32))  # a lookup would give 0
     for x in (finite, finite.reshape(31, 1024), finite.reshape(31, 1024)[::2, 3::5]):
-        got = distance_module.half_to_float(x)
+        got = float16.half_to_float(x)
         assert np.array_equal(got.view(np.uint32), x.astype(np.float32).view(np.uint32))
     # one negative value or one inf sends the whole array to the table (here all zeros)
     for bad in (np.float16(-1), np.float16(np.inf)):
-        assert not distance_module.half_to_float(np.array([1, bad, 2], np.float16)).any()
+        assert not float16.half_to_float(np.array([1, bad, 2], np.float16)).any()
 
 
 def test_float16_rows_converted_by_half_to_float_give_the_same_distances(monkeypatch):
@@ -371,9 +391,9 @@ def test_float16_rows_converted_by_half_to_float_give_the_same_distances(monkeyp
         out[...] = a
         return out
 
-    monkeypatch.setattr(distance_module, "half_to_float", numpy_cast)
+    monkeypatch.setattr(blocks, "half_to_float", numpy_cast)  # what the row blocks convert with
     by_cast = [rdm(arr, n_units=500, norm=norm, metric=metric).values for norm, metric in cases]
-    for (norm, metric), a, b in zip(cases, by_ours, by_cast):
+    for (norm, metric), a, b in zip(cases, by_ours, by_cast, strict=True):
         assert np.array_equal(a, b), (norm, metric)
         reference = squareform(reference_distances(x.astype(np.float64)[:, units], norm, metric))
         np.testing.assert_allclose(a, reference, rtol=DISTANCE_RTOL, atol=1e-12)
@@ -396,8 +416,8 @@ def test_row_block_takes_every_draw_from_the_gathered_chunks(dtype):
     chunks = [(rng.normal(size=(8, size)) * 50).astype(dtype) for _ in range(3)]
     parts = [c[:, plan.union] for c in chunks]  # what the gather hands over: each chunk's union columns
     positions = [np.arange(3, 8), np.array([0, 2, 5]), np.arange(8)]
-    block = distance_module._row_block(parts, positions, plan, 0)
-    stacked = np.concatenate([c[p] for c, p in zip(chunks, positions)])
+    block = blocks._row_block(parts, positions, plan, 0)
+    stacked = np.concatenate([c[p] for c, p in zip(chunks, positions, strict=True)])
     expected_dtype = np.float32 if dtype in (np.float16, np.float32) else np.float64
     assert len(block) == 3
     for d, u in enumerate(plan.units[0]):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from analysis_fixtures import LAYERS, make_recording, make_tree, raise_if_dask_computes
 
-import cnndiff_xr.analysis.draws as sampling
-from cnndiff_xr.analysis.draws import UnknownLabelError, draw_units, select_units, unit_seed
+from cnndiff_xr.analysis.collection import as_collection
+from cnndiff_xr.analysis.draws import draw_table, draw_units, select_units, unit_seed
+from cnndiff_xr.validation import UnknownLabelError
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def test_seed_independent_of_python_hash_and_no_tensorflow():
     # another process with another string-hash salt draws the same units, and importing the
     # analysis does not load TensorFlow/Keras
     code = (
-        "import sys, cnndiff_xr.analysis.draws as s, cnndiff_xr.analysis.differentiation, cnndiff_xr.analysis.summaries; "
+        "import sys, cnndiff_xr.analysis.draws as s, cnndiff_xr.analysis.differentiation, "
+        "cnndiff_xr.analysis.summaries; "
         "print(s.draw_units((50, 50, 4), 7, seed=1, layer='conv').tolist()); "
         "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
     )
@@ -75,7 +77,7 @@ def test_top_picks_the_largest_mean_units(tree):
     act = tree["block1_conv1"]["activation"]
     cats = act["set"].values == "cats"
     means = act.values[cats].reshape(cats.sum(), -1).astype(np.float64).mean(axis=0)
-    units = select_units(tree, "block1_conv1", 15, "top", sets=["cats"])
+    units = select_units(tree, "block1_conv1", n_units=15, unit_type="top", sets=["cats"])
     chosen = units["flat_index"].values
     assert chosen.size == 15
     assert means[chosen].min() >= np.sort(means)[-15]
@@ -85,13 +87,13 @@ def test_top_picks_the_largest_mean_units(tree):
 
 def test_top_is_lazy(tree):
     with raise_if_dask_computes():
-        units = select_units(tree, "block1_conv1", 15, "top")
+        units = select_units(tree, "block1_conv1", n_units=15, unit_type="top")
     assert units["flat_index"].chunks is not None
     assert units["y"].shape == (15,)
 
 
 def test_units_are_labelled_and_reusable(tree):
-    units = select_units(tree, "block1_conv1", 12, seed=5, resample=2)
+    units = select_units(tree, "block1_conv1", n_units=12, seed=5, resample=2)
     assert units.sizes["unit"] == 12
     assert set(units.data_vars) == {"y", "x", "filter"}
     assert units["layer"].item() == "block1_conv1"
@@ -115,13 +117,13 @@ def test_generic_array_units_use_its_labels():
 
 
 def test_draw_table_merges_identical_draws(tree):
-    coll = sampling.as_collection(tree)
+    coll = as_collection(tree)
     dense = coll.layer("predictions")  # 10 units
-    table = sampling.draw_table(dense, (5, 10, 50), 3, "random", 0, "filter")
+    table = draw_table(dense, (5, 10, 50), 3, unit_type="random", seed=0, filter_dim="filter")
     assert table.n_used == (5, 10, 10)
     assert len(table.keys) == 3 + 1  # three random draws of 5 units, one "all"
     assert np.all(table.index[1:] == table.index[1, 0])
-    top = sampling.draw_table(coll.layer("block1_conv1"), (5, 10), 4, "top", 0, "filter")
+    top = draw_table(coll.layer("block1_conv1"), (5, 10), 4, unit_type="top", seed=0, filter_dim="filter")
     assert len(top.keys) == 2
 
 
@@ -145,9 +147,9 @@ def test_bad_arguments_are_named(tree, kwargs, exc, words):
 
 def test_unknown_layer_is_key_and_value_error(tree):
     with pytest.raises(KeyError):
-        select_units(tree, "nope", 5)
+        select_units(tree, "nope", n_units=5)
     with pytest.raises(ValueError, match="input_layer"):
-        select_units(tree, "nope", 5)
+        select_units(tree, "nope", n_units=5)
 
 
 def test_per_filter_needs_a_filter_dim():
@@ -159,4 +161,4 @@ def test_per_filter_needs_a_filter_dim():
 
 
 def test_layer_order_follows_root_attrs(tree):
-    assert list(sampling.as_collection(tree).layers) == list(LAYERS)
+    assert list(as_collection(tree).layers) == list(LAYERS)

@@ -11,22 +11,21 @@ z-scored results cost the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
-from .draws import Collection, LayerData, _raise_incomplete, as_collection
+from ..schema import FILTER_DIM, IMAGE_DIM, SET_COORD
+from ..validation import ParameterValueError, check_bool
+from .collection import Collection, LayerData, as_collection, completed_flags, refuse_incomplete
 
 __all__ = ["filter_means", "layer_means"]
 
 
 def _block_summary(block: np.ndarray, flags: np.ndarray, n_spatial: int) -> np.ndarray:
     """``(images, filters + 2)``: filter means, then each image's mean and centred sum of squares."""
-    if not np.all(flags):
-        raise ValueError(f"{int(np.size(flags) - np.count_nonzero(flags))} selected images are not completed "
-                         "in the store; finish the extraction first")
+    refuse_incomplete(flags)  # a lazy completion record is checked by the task that reads the chunk
     n_filters = block.shape[-1]
     out = np.empty((block.shape[0], n_filters + 2))
     for i, image in enumerate(block):  # one image at a time in float64 keeps the copy small
@@ -40,7 +39,7 @@ def _block_summary(block: np.ndarray, flags: np.ndarray, n_spatial: int) -> np.n
 
 def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: str) -> tuple[da.Array, xr.DataArray]:
     if filter_dim not in layer.feature_dims:
-        raise ValueError(
+        raise ParameterValueError(
             f"layer {layer.name!r} has no filter dimension {filter_dim!r} (feature dims {layer.feature_dims}); "
             "pass filter_dim="
         )
@@ -49,14 +48,7 @@ def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: s
     if rows.size != array.shape[0] or np.any(rows != np.arange(rows.size)):
         array = array.isel({coll.sample_dim: rows})
     data = array.data
-    if coll.completed is None:
-        flags: Any = np.ones(rows.size, bool)
-    elif isinstance(coll.completed, np.ndarray):
-        _raise_incomplete(coll.completed[rows], coll.samples[rows])  # refuse now
-        flags = np.ones(rows.size, bool)
-    else:  # a lazy record: checked by the chunk tasks themselves
-        flags = coll.completed[rows]
-    flags = da.asarray(flags).rechunk((data.chunks[0],))
+    flags = da.asarray(completed_flags(coll, rows)).rechunk((data.chunks[0],))
     n_filters = data.shape[-1]
     index = "i" + "".join(chr(ord("j") + k) for k in range(len(spatial))) + "f"
     out = da.blockwise(
@@ -98,23 +90,25 @@ def _layer_parts(
 
 
 def _selection(
-    tree: Any, layers: Any, sets: Any, sample_dim: str, set_coord: str
+    tree: xr.DataTree | xr.DataArray | xr.Dataset,
+    layers: str | Sequence[str] | None,
+    sets: str | Sequence[str] | None,
+    sample_dim: str,
+    set_coord: str,
 ) -> tuple[Collection, list[str], np.ndarray]:
     coll = as_collection(tree, sample_dim=sample_dim, set_coord=set_coord)
-    names = coll.layer_names(layers)
-    rows = np.sort(np.concatenate(list(coll.rows(sets).values())))
-    return coll, names, rows
+    return coll, coll.layer_names(layers), coll.selected_rows(sets)
 
 
 def filter_means(
-    tree: Any,
-    zscore: bool = False,
+    tree: xr.DataTree | xr.DataArray | xr.Dataset,
     *,
+    zscore: bool = False,
     layers: str | Sequence[str] | None = None,
     sets: str | Sequence[str] | None = None,
-    sample_dim: str = "image",
-    set_coord: str = "set",
-    filter_dim: str = "filter",
+    sample_dim: str = IMAGE_DIM,
+    set_coord: str = SET_COORD,
+    filter_dim: str = FILTER_DIM,
 ) -> xr.DataTree:
     """Per layer, the mean over space of every filter for every image, lazily.
 
@@ -137,12 +131,11 @@ def filter_means(
         ``image``, ``set`` and ``filter``. Dense layers' filter means are the activations.
         Computing a layer reads each of its chunks once.
     """
-    if not isinstance(zscore, (bool, np.bool_)):
-        raise TypeError(f"zscore must be True or False, got zscore={zscore!r}")
+    zscore = check_bool("zscore", zscore)
     coll, names, rows = _selection(tree, layers, sets, sample_dim, set_coord)
     sample_coords = {sample_dim: coll.samples[rows], set_coord: (sample_dim, coll.set_labels[rows])}
     nodes: dict[str, xr.Dataset] = {
-        "/": xr.Dataset(attrs={"layers": names, "zscore": bool(zscore), "sets": list(dict.fromkeys(coll.set_labels[rows]))})
+        "/": xr.Dataset(attrs={"layers": names, "zscore": zscore, "sets": list(dict.fromkeys(coll.set_labels[rows]))})
     }
     for name in names:
         fm, mean, filters = _layer_parts(coll, coll.layer(name), rows, zscore, filter_dim)
@@ -152,20 +145,20 @@ def filter_means(
                 "layer_mean": ((sample_dim,), mean),
             },
             coords={**sample_coords, filter_dim: filters.values},
-            attrs={"layer": name, "zscore": bool(zscore)},
+            attrs={"layer": name, "zscore": zscore},
         )
     return xr.DataTree.from_dict(nodes)
 
 
 def layer_means(
-    tree: Any,
-    zscore: bool = False,
+    tree: xr.DataTree | xr.DataArray | xr.Dataset,
     *,
+    zscore: bool = False,
     layers: str | Sequence[str] | None = None,
     sets: str | Sequence[str] | None = None,
-    sample_dim: str = "image",
-    set_coord: str = "set",
-    filter_dim: str = "filter",
+    sample_dim: str = IMAGE_DIM,
+    set_coord: str = SET_COORD,
+    filter_dim: str = FILTER_DIM,
 ) -> xr.DataArray:
     """Mean activation of every image in every layer: lazy ``(layer, image)``.
 
@@ -173,8 +166,7 @@ def layer_means(
     so computing both together reads each chunk once. ``zscore`` as in
     :func:`filter_means`.
     """
-    if not isinstance(zscore, (bool, np.bool_)):
-        raise TypeError(f"zscore must be True or False, got zscore={zscore!r}")
+    zscore = check_bool("zscore", zscore)
     coll, names, rows = _selection(tree, layers, sets, sample_dim, set_coord)
     means = [_layer_parts(coll, coll.layer(name), rows, zscore, filter_dim)[1] for name in names]
     return xr.DataArray(
@@ -182,5 +174,5 @@ def layer_means(
         dims=("layer", sample_dim),
         coords={"layer": names, sample_dim: coll.samples[rows], set_coord: (sample_dim, coll.set_labels[rows])},
         name="layer_mean",
-        attrs={"zscore": bool(zscore)},
+        attrs={"zscore": zscore},
     )

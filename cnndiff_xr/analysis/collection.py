@@ -1,0 +1,267 @@
+"""The analysis' view of its input: per-layer dask arrays of shape ``(sample, *features)`` and the sets of samples.
+
+:func:`as_collection` adapts what the user passes -- a store's :class:`xarray.DataTree`, a single
+:class:`xarray.DataArray` with a sample dimension, or a :class:`xarray.Dataset` of such arrays -- to a
+:class:`Collection`, chunked along the sample dimension only. A store is read through the names of
+:mod:`cnndiff_xr.schema` alone; its ``completed`` record guards every analysis against unfinished images
+(:func:`completed_check`, :func:`completed_flags`, :func:`refuse_incomplete`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import xarray as xr
+from dask.delayed import Delayed
+
+from ..schema import ACTIVATION, COMPLETED, IMAGE_DIM, LAYERS_ATTR, SET_COORD
+from ..validation import ParameterTypeError, ParameterValueError, UnknownLabelError
+
+__all__ = [
+    "ALL_SAMPLES",
+    "Collection",
+    "LayerData",
+    "as_collection",
+    "completed_check",
+    "completed_flags",
+    "refuse_incomplete",
+]
+
+#: name given to the single group of samples when the data carry no set coordinate
+ALL_SAMPLES = "all"
+#: target size of a chunk along the samples when in-memory data are chunked for the analysis
+_SAMPLE_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class LayerData:
+    """One layer as ``(sample, *features)``, dask-backed, one chunk along every feature dim."""
+
+    name: str
+    array: xr.DataArray
+
+    @property
+    def data(self) -> da.Array:
+        data: da.Array = self.array.data
+        return data
+
+    @property
+    def feature_dims(self) -> tuple[str, ...]:
+        return tuple(str(d) for d in self.array.dims[1:])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape[1:])
+
+    @property
+    def size(self) -> int:
+        """Units per sample."""
+        return int(np.prod(self.feature_shape))
+
+    def filter_axis(self, filter_dim: str) -> int | None:
+        """Axis of ``filter_dim`` among the feature dims (``None`` without one)."""
+        dims = self.feature_dims
+        return dims.index(filter_dim) if filter_dim in dims else None
+
+    def block_bounds(self) -> np.ndarray:
+        """First sample of every chunk, and the sample count: ``(chunks + 1,)`` int64."""
+        return np.concatenate([[0], np.cumsum(self.data.chunks[0])]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Collection:
+    """Everything the analysis needs from its input, independent of its container."""
+
+    sample_dim: str
+    samples: np.ndarray  # labels along the sample dimension
+    set_labels: np.ndarray  # str, the set of every sample
+    layers: dict[str, LayerData]
+    completed: np.ndarray | da.Array | None  # bool along the samples: finished in the store (None: no record)
+
+    @property
+    def set_names(self) -> list[str]:
+        """The sets, in order of their first sample."""
+        _, first = np.unique(self.set_labels, return_index=True)
+        return [str(self.set_labels[i]) for i in sorted(first)]
+
+    def layer(self, name: str) -> LayerData:
+        if name not in self.layers:
+            raise UnknownLabelError(f"unknown layer {name!r}; the data have layers {list(self.layers)}")
+        return self.layers[name]
+
+    def single_layer(self, name: str | None) -> LayerData:
+        """Layer ``name``, or the only layer when ``name`` is ``None``."""
+        if name is None:
+            if len(self.layers) != 1:
+                raise ParameterValueError(f"pass layer=; the data have layers {list(self.layers)}")
+            name = next(iter(self.layers))
+        return self.layer(name)
+
+    def layer_names(self, layers: str | Iterable[str] | None) -> list[str]:
+        """The requested layers (all when ``None``), checked."""
+        if layers is None:
+            return list(self.layers)
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names:
+            raise ParameterValueError("layers is empty; pass None for every layer")
+        for name in names:
+            self.layer(name)
+        return names
+
+    def rows(self, sets: str | Iterable[str] | None, *, min_size: int = 1) -> dict[str, np.ndarray]:
+        """Row indices of each requested set, in sample order."""
+        known = self.set_names
+        names = known if sets is None else ([sets] if isinstance(sets, str) else list(sets))
+        if not names:
+            raise ParameterValueError("sets is empty; pass None for every set")
+        out = {}
+        for name in names:
+            if name not in known:
+                raise UnknownLabelError(f"unknown set {name!r}; the data have sets {known}")
+            rows = np.flatnonzero(self.set_labels == name)
+            if rows.size < min_size:
+                raise ParameterValueError(
+                    f"set {name!r} has {rows.size} image(s); pairwise distances need at least {min_size}"
+                    + ("" if sets is not None else "; choose the other sets with sets=[...]")
+                )
+            out[str(name)] = rows
+        return out
+
+    def selected_rows(self, sets: str | Iterable[str] | None) -> np.ndarray:
+        """The rows of all requested sets together, in sample order."""
+        return np.sort(np.concatenate(list(self.rows(sets).values())))
+
+    def completed_token(self) -> str | np.ndarray | None:
+        """What identifies the completion record in a graph name (a lazy record by its dask name)."""
+        if isinstance(self.completed, da.Array):
+            name: str = self.completed.name
+            return name
+        return self.completed
+
+
+def _as_layer(array: xr.DataArray, name: str, sample_dim: str) -> LayerData:
+    if sample_dim not in array.dims:
+        raise ParameterValueError(
+            f"{name!r} has no sample dimension {sample_dim!r} (dims {array.dims}); pass sample_dim="
+        )
+    if array.ndim < 2:
+        raise ValueError(f"{name!r} has no feature dimension besides {sample_dim!r}")
+    array = array.transpose(sample_dim, ...)
+    if not isinstance(array.data, da.Array):
+        row_bytes = max(1, int(np.prod(array.shape[1:])) * array.dtype.itemsize)
+        array = array.chunk({sample_dim: max(1, _SAMPLE_CHUNK_BYTES // row_bytes)})
+    if any(len(c) > 1 for c in array.data.chunks[1:]):
+        # gathering units needs whole samples in a block (a store is chunked like this already)
+        array = array.chunk({d: -1 for d in array.dims[1:]})
+    return LayerData(name, array)
+
+
+def _variable(node: xr.DataTree, name: str) -> xr.DataArray:
+    variable = node[name]
+    if not isinstance(variable, xr.DataArray):
+        raise TypeError(f"{name!r} of {node.path!r} is a group, not a variable")
+    return variable
+
+
+def _load_labels(values: xr.DataArray | np.ndarray) -> np.ndarray:
+    # Store contract: non-index image coordinates are numpy; a lazy one is loaded (tiny).
+    array = np.asarray(values.values if isinstance(values, xr.DataArray) else values)
+    if array.dtype.kind in "TO":  # numpy StringDType (zarr's variable-length strings) or objects
+        array = np.array([str(v) for v in array.tolist()], dtype=str)
+    return array
+
+
+def as_collection(obj: xr.DataTree | xr.DataArray | xr.Dataset, *, sample_dim: str = IMAGE_DIM,
+                  set_coord: str = SET_COORD) -> Collection:
+    """Adapt a store tree, a DataArray or a Dataset to a :class:`Collection`.
+
+    * :class:`xarray.DataTree`: one layer per child group with an activation variable, in the order of the root's
+      layers attribute when present; the root's completion record (if any) guards against analysing unfinished
+      images.
+    * :class:`xarray.DataArray`: one layer named after the array (``"data"`` if unnamed); every dim except
+      ``sample_dim`` is a feature dim, e.g. ``(state, unit, frequency)``.
+    * :class:`xarray.Dataset`: one layer per data variable that has ``sample_dim``.
+
+    Samples are grouped by the ``set_coord`` coordinate along ``sample_dim``; without it all samples form one set
+    named ``"all"``.
+    """
+    record: xr.DataArray | None = None
+    fallback: Mapping[Hashable, Any]
+    if isinstance(obj, xr.DataTree):
+        order = [str(n) for n in obj.attrs.get(LAYERS_ATTR, [])]
+        children = [str(n) for n in obj.children if ACTIVATION in obj[n].data_vars]
+        names = [n for n in order if n in children] + [n for n in children if n not in order]
+        arrays = {n: _variable(obj.children[n], ACTIVATION) for n in names}
+        if COMPLETED in obj.ds.data_vars:
+            record = _variable(obj, COMPLETED)
+        fallback = obj.ds.coords
+    elif isinstance(obj, xr.DataArray):
+        arrays = {str(obj.name) if obj.name is not None else "data": obj}
+        fallback = {}
+    elif isinstance(obj, xr.Dataset):
+        arrays = {str(k): v for k, v in obj.data_vars.items() if sample_dim in v.dims}
+        fallback = obj.coords
+    else:
+        raise ParameterTypeError(f"expected an xarray DataTree, DataArray or Dataset, got {type(obj).__name__}")
+    if not arrays:
+        raise ValueError(f"no layer with a sample dimension {sample_dim!r} found")
+    layers = {name: _as_layer(arr, name, sample_dim) for name, arr in arrays.items()}
+    first = next(iter(layers.values())).array
+    n = first.sizes[sample_dim]
+    samples = _load_labels(first[sample_dim]) if sample_dim in first.coords else np.arange(n)
+    if set_coord in first.coords:
+        set_labels = _load_labels(first.coords[set_coord])
+    elif set_coord in fallback:
+        set_labels = _load_labels(fallback[set_coord])
+    else:
+        set_labels = np.full(n, ALL_SAMPLES)
+    set_labels = set_labels.astype(str)
+    for layer in layers.values():
+        if layer.array.sizes[sample_dim] != n:
+            raise ValueError(f"layer {layer.name!r} has {layer.array.sizes[sample_dim]} samples, expected {n}")
+    completed: np.ndarray | da.Array | None = None
+    if record is not None:
+        completed = record.data if isinstance(record.data, da.Array) else np.asarray(record.values, bool)
+    return Collection(sample_dim, samples, set_labels, layers, completed)
+
+
+def refuse_incomplete(flags: np.ndarray, names: np.ndarray | None = None) -> None:
+    """Raise a ``ValueError`` if any of ``flags`` (the completion record of the selected images) is false.
+
+    ``names``: the images' labels, for the message (a chunk task may not have them).
+    """
+    missing = np.flatnonzero(~np.asarray(flags, bool))
+    if missing.size:
+        example = "" if names is None else f" (e.g. {list(names[missing[:3]])})"
+        raise ValueError(
+            f"{missing.size} of the selected images are not completed in the store{example}; "
+            "finish the extraction first"
+        )
+
+
+def completed_check(coll: Collection, rows: np.ndarray) -> Delayed | None:
+    """Refuse unfinished images among ``rows``: raise now for an in-memory record; otherwise a ``dask.delayed``
+    check for the reading tasks to depend on (``None`` when the data have no record)."""
+    if coll.completed is None:
+        return None
+    if isinstance(coll.completed, np.ndarray):
+        refuse_incomplete(coll.completed[rows], coll.samples[rows])
+        return None
+    check: Delayed = dask.delayed(refuse_incomplete, pure=True)(coll.completed[rows], coll.samples[rows])
+    return check
+
+
+def completed_flags(coll: Collection, rows: np.ndarray) -> np.ndarray | da.Array:
+    """The completion record of ``rows`` for chunk tasks to check as they read (:func:`refuse_incomplete`):
+    all true when there is no record or an in-memory one (checked here, now), else the lazy record."""
+    if isinstance(coll.completed, da.Array):
+        flags: da.Array = coll.completed[rows]
+        return flags
+    if coll.completed is not None:
+        refuse_incomplete(coll.completed[rows], coll.samples[rows])
+    return np.ones(rows.size, bool)
