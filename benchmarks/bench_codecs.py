@@ -1,4 +1,4 @@
-"""Codec choice for activation chunks (issue 2: "zstd or blosc compression chosen by measurement").
+"""Codec choice for activation chunks: zstd, blosc or lz4, chosen by measurement.
 
 VGG16 (random weights) activations of natural photos, every default layer, float32 and float16: compression ratio
 and single-thread encode/decode throughput of candidate Zarr v3 codecs on the real chunk bytes.
@@ -40,13 +40,13 @@ def main() -> None:
     import numpy as np
 
     from cnndiff_xr.extraction import images
-    from cnndiff_xr.extraction.backends import keras as models
+    from cnndiff_xr.extraction.backends import model_spec
 
     numcodecs.blosc.set_nthreads(1)  # per-worker cost: one thread, like a Dask worker
     with tempfile.TemporaryDirectory() as tmp:
         folders = natural_image_sets(Path(tmp), args.images)
         paths = sorted(p for f in folders.values() for p in Path(f).glob("*.png"))[: args.images]
-        extractor = models.LayerExtractor(models.make_spec("vgg16", weights=None), layers=None)
+        extractor = model_spec("vgg16", weights=None).backend(None)
         rgb = images.load_batch([images.FileRef(str(p)) for p in paths], extractor.input_size)
         acts, _ = extractor.run(rgb)
     import zarr

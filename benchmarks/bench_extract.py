@@ -1,4 +1,4 @@
-"""Extraction throughput vs the bare forward pass (issue 5).
+"""Extraction throughput vs the bare forward pass.
 
 End-to-end extraction (decode PNG files + VGG16 forward pass + compressed Zarr write of every default layer, on the
 embedded LocalCluster with default settings), float16 and float32, against the bare forward pass: the same images,
@@ -32,9 +32,9 @@ from common import machine_info, natural_image_sets
 def bare_forward(image_paths: list, batch_size: int, repeats: int = 1) -> float:
     """Images per second of the forward pass alone (model built and warmed up first)."""
     from cnndiff_xr.extraction import images
-    from cnndiff_xr.extraction.backends import keras as models
+    from cnndiff_xr.extraction.backends import model_spec
 
-    extractor = models.LayerExtractor(models.make_spec("vgg16", weights=None), layers=None)
+    extractor = model_spec("vgg16", weights=None).backend(None)
     refs = [images.FileRef(str(p)) for p in image_paths]
     rgb = images.load_batch(refs, extractor.input_size, "nearest")
     extractor.run(rgb[:batch_size])  # warm-up: graph tracing, allocator

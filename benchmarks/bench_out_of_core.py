@@ -1,4 +1,4 @@
-"""Out-of-core analysis: a store at least 5x the memory of the cluster's workers (issue 5).
+"""Out-of-core analysis: a store at least 5x the memory of the cluster's workers.
 
 A VGG16 store (random weights, the seed's 21 layers, float16) of five equal white-noise sets is extracted first (on
 an unlimited cluster: the model alone needs ~0.6 GB per worker). Then a LocalCluster whose workers have a hard

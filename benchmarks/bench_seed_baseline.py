@@ -1,4 +1,4 @@
-"""The seed's approach vs cnndiff_xr, end to end (issue 5).
+"""The seed's approach vs cnndiff_xr, end to end.
 
 Seed style: every layer's activations of every image held in RAM as numpy arrays (Keras forward pass, the seed's 21
 layers), then per layer the same 10,000 (or 200) units drawn with numpy for all images, z-scored over the layer, and
@@ -32,10 +32,10 @@ def seed_style(n: int, n_units: list[int]) -> dict:
 
     import cnndiff_xr as cx
     from cnndiff_xr.extraction import images
-    from cnndiff_xr.extraction.backends import keras as models
+    from cnndiff_xr.extraction.backends import model_spec
 
     t0 = time.perf_counter()
-    extractor = models.LayerExtractor(models.make_spec("vgg16", weights=None), layers="seed")
+    extractor = model_spec("vgg16", weights=None).backend("seed")
     refs = [r for _, _, r in cx.images.white_noise(n, seed=0).entries()]
     activations = [[] for _ in extractor.layers]
     for start in range(0, n, 8):  # the seed kept every layer of every image in one Python object

@@ -97,10 +97,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             check_address(args.scheduler, "--scheduler")
         except ValueError as err:
             raise UsageError(str(err)) from None
-    from .extraction.backends.keras import APPLICATIONS
+    from .extraction.backends import model_names
 
-    if args.model.lower() not in APPLICATIONS:
-        raise UsageError(f"--model {args.model!r}: choose one of {sorted(APPLICATIONS)}")
+    if args.model.lower() not in model_names():
+        raise UsageError(f"--model {args.model!r}: choose one of {model_names()}")
     weights = {"imagenet": "imagenet", "random": None}.get(args.weights, args.weights)
     if weights not in ("imagenet", None) and not os.path.isfile(weights):
         raise UsageError(f"--weights {args.weights!r}: use 'imagenet', 'random' or the path of a weights file")
@@ -165,7 +165,8 @@ def _write_dataset(ds: xr.Dataset, path: str) -> None:
 def _cmd_differentiation(args: argparse.Namespace) -> int:
     import xarray as xr
 
-    from .analysis.differentiation import differentiation, normalise_by_reference, resample_summary
+    from .analysis.differentiation import differentiation
+    from .analysis.results import normalise_by_reference, resample_summary
     from .extraction.cluster import get_client
     from .extraction.store import open_activations
 

@@ -87,7 +87,7 @@ def run_demo(
     import cnndiff_xr as cx
 
     from . import plot
-    from .analysis.differentiation import resample_summary
+    from .analysis.results import resample_summary
     from .extraction.backends import keras as models
     from .extraction.cluster import get_client
 
@@ -120,12 +120,7 @@ def run_demo(
     with get_client(client, n_workers=n_workers) as dask_client:
         tree, report = cx.extract(sets, store=str(store_path), model="vgg16", weights=weights, layers="seed",
                                   dtype="float16", client=dask_client, batch_size=4, progress=progress,
-                                  return_report=True)
-        if warning:  # provenance: the store says so too (an attribute outside the identity checks)
-            import zarr
-
-            zarr.open_group(str(store_path), mode="r+").attrs["warning"] = warning
-            tree.attrs["warning"] = warning
+                                  attrs={"warning": warning} if warning else None, return_report=True)
         t_extract = time.perf_counter() - t0
         t1 = time.perf_counter()
         layers = tree.attrs["layers"]

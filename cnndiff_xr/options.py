@@ -28,9 +28,13 @@ Compression = Literal["zstd", "blosc", "lz4", "none"]
 ResizePolicy = Literal["nearest", "bilinear", "center_crop"]
 OnError = Literal["raise", "skip"]
 LayerPreset = Literal["seed"]
+SpecErrors = Literal["raise", "collect"]
+OpenMode = Literal["r", "r+", "a", "w", "w-"]
 
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 COMPRESSIONS: tuple[Compression, ...] = get_args(Compression)
 RESIZE_POLICIES: tuple[ResizePolicy, ...] = get_args(ResizePolicy)
 ON_ERROR: tuple[OnError, ...] = get_args(OnError)
 LAYER_PRESETS: tuple[LayerPreset, ...] = get_args(LayerPreset)
+SPEC_ERRORS: tuple[SpecErrors, ...] = get_args(SpecErrors)
+OPEN_MODES: tuple[OpenMode, ...] = get_args(OpenMode)

@@ -34,7 +34,10 @@ SET_COORD = "set"
 SOURCE_COORD = "source"
 LABEL_COORD = "label"
 IMAGE_COORDS = (SET_COORD, SOURCE_COORD)
-PREDICTION_COORDS = ("predicted_class", "predicted_label", "predicted_probability")
+PREDICTED_CLASS = "predicted_class"
+PREDICTED_LABEL = "predicted_label"
+PREDICTED_PROBABILITY = "predicted_probability"
+PREDICTION_COORDS = (PREDICTED_CLASS, PREDICTED_LABEL, PREDICTED_PROBABILITY)
 
 # ---- variables
 ACTIVATION = "activation"

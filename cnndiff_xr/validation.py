@@ -115,17 +115,20 @@ def check_index(name: str, value: Any) -> int:
         raise ParameterTypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}") from None
 
 
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is ``True`` or ``False`` (numpy bools too); a :class:`ParameterTypeError` otherwise."""
+def check_bool(name: str, value: Any, *, message: str | None = None) -> bool:
+    """``value`` if it is ``True`` or ``False`` (numpy bools too); a :class:`ParameterTypeError` otherwise, with
+    ``message`` if given (where a function keeps an established wording)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ParameterTypeError(f"{name} must be True or False, got {name}={value!r}")
+        raise ParameterTypeError(message or f"{name} must be True or False, got {name}={value!r}")
     return bool(value)
 
 
-def check_choice(parameter: str, value: Any, allowed: Sequence[S]) -> S:
-    """``value`` if it is one of ``allowed``; a :class:`ChoiceError` naming the parameter and the choices."""
+def check_choice(parameter: str, value: Any, allowed: Sequence[S], *, message: str | None = None) -> S:
+    """``value`` if it is one of ``allowed``; a :class:`ChoiceError` naming the parameter and the choices, or saying
+    ``message`` if given (where a function keeps an established wording)."""
     if not isinstance(value, str) or value not in allowed:
-        raise ChoiceError(f"{parameter}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        raise ChoiceError(message or f"{parameter}={value!r} is not allowed; choose one of "
+                          f"{', '.join(map(repr, allowed))}")
     return value  # type: ignore[return-value]  # value is one of allowed
 
 
@@ -134,13 +137,14 @@ def check_n_units(n_units: int | Iterable[int]) -> tuple[int, ...]:
     values = [n_units] if np.ndim(n_units) == 0 else list(n_units)  # type: ignore[arg-type]
     if not values:
         raise ParameterValueError("n_units is empty; give one or more positive integers")
-    out = []
+    out: list[int] = []
     for value in values:
         if not is_int(value):
             raise ParameterTypeError(f"n_units must hold positive integers, got n_units={value!r}")
-        if value <= 0:
-            raise ParameterValueError(f"n_units must be positive, got n_units={int(value)}")
-        out.append(int(value))
+        count = int(value)  # type: ignore[arg-type]  # an integer: is_int
+        if count <= 0:
+            raise ParameterValueError(f"n_units must be positive, got n_units={count}")
+        out.append(count)
     if len(set(out)) != len(out):
         raise ParameterValueError(f"n_units has repeated values: {out}")
     return tuple(out)

@@ -47,8 +47,8 @@ def run_extraction(store: str, client, model=None, sets=None, **kwargs):
     import cnndiff_xr as cx
 
     model = build_tiny_model() if model is None else model
-    return cx.extract(fault_sets() if sets is None else sets, store=store, model=model, preprocess=slow_preprocess, client=client,
-                      batch_size=BATCH_SIZE, progress=False, return_report=True, **kwargs)
+    return cx.extract(fault_sets() if sets is None else sets, store=store, model=model, preprocess=slow_preprocess,
+                      client=client, batch_size=BATCH_SIZE, progress=False, return_report=True, **kwargs)
 
 
 if __name__ == "__main__":

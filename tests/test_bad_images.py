@@ -1,4 +1,4 @@
-"""Bad image input through a whole extraction on the real process cluster (issue 6, item 2).
+"""Bad image input through a whole extraction on the real process cluster.
 
 The images are checked where they are decoded: in ``dask worker`` processes (see ``real_cluster.py``), which run
 without the root capability to ignore file permissions, so a ``chmod 000`` file is really unreadable there, and which
@@ -19,7 +19,7 @@ from PIL import Image
 from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess
 
 import cnndiff_xr as cx
-from cnndiff_xr.extraction import images, store
+from cnndiff_xr.extraction import images, lock, store
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -140,14 +140,14 @@ def test_on_error_skip_records_bad_files_and_extracts_the_rest(tmp_path, image_f
     assert bool(store.completed(path).all()) and report.images_computed == len(table)
     x = tiny_preprocess()(images.load_batch(table.refs, (TINY_SIZE, TINY_SIZE)).astype("float32"))
     probe = keras.Model(tiny_model.input, [tiny_model.get_layer(n).output for n in TINY_LAYERS[1:]])
-    expected = dict(zip(TINY_LAYERS, [x, *(np.asarray(o) for o in probe(x, training=False))]))
+    expected = dict(zip(TINY_LAYERS, [x, *(np.asarray(o) for o in probe(x, training=False))], strict=True))
     for name in TINY_LAYERS:
         got = tree[name]["activation"].compute(scheduler="synchronous").values
         np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
     # greyscale and 16-bit greyscale were broadcast to three equal channels, RGBA lost its alpha
     rgb_in = images.load_batch(table.refs[:6], (TINY_SIZE, TINY_SIZE))
     assert (rgb_in[1, ..., 0] == rgb_in[1, ..., 2]).all() and (rgb_in[5, ..., 0] == rgb_in[5, ..., 1]).all()
-    assert store.read_lock(path) is None
+    assert lock.read_lock(path) is None
 
 
 def test_every_image_bad_with_skip_writes_nothing(tmp_path, image_folder, process_cluster, tiny_model):

@@ -1,5 +1,5 @@
-"""Bad parameters (issue 6, item 4): every public function of extraction, store, images and cluster, and every CLI
-option, refuses bad input with an error that names the parameter and what it accepts.
+"""Bad parameters: every public function of extraction, store, lock, images and cluster, and every CLI option,
+refuses bad input with an error that names the parameter and what it accepts.
 
 Every call here fails during validation, before any model is built or any cluster started (the few that need the
 tiny model to know its layers build it in this process).
@@ -19,7 +19,7 @@ from tiny import build_tiny_model, tiny_preprocess
 
 import cnndiff_xr as cx
 from cnndiff_xr import cli
-from cnndiff_xr.extraction import cluster, images, store
+from cnndiff_xr.extraction import cluster, images, lock, store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +49,8 @@ EXTRACT_CASES = [
     ({"compression_level": 99}, ValueError, "compression_level=99: for compression='lz4' it must be an int in 0..9"),
     ({"compression": "zstd", "compression_level": 23}, ValueError, "for compression='zstd' it must be an int in 0..22"),
     ({"compression_level": "3"}, ValueError, "compression_level='3'"),
-    ({"compression": "blosc", "compression_level": 12}, ValueError, "for compression='blosc' it must be an int in 0..9"),
+    ({"compression": "blosc", "compression_level": 12}, ValueError,
+     "for compression='blosc' it must be an int in 0..9"),
     ({"seed": -1}, ValueError, "seed must be a non-negative int, got -1"),
     ({"seed": 1.5}, ValueError, "seed must be a non-negative int, got 1.5"),
     ({"layers": 5}, TypeError, "layers must be None (every layer but reshapes), 'seed' or a list of layer names"),
@@ -74,7 +75,8 @@ EXTRACT_CASES = [
     ({"model": "vgg16", "preprocess": None, "weights": "/no/such/weights.h5"}, FileNotFoundError,
      "weights file '/no/such/weights.h5' does not exist (weights= takes 'imagenet', None"),
     ({"model": "vgg16"}, ValueError, "preprocess= is only for a keras.Model"),
-    ({"sets": {"a": "/no/such/folder/*.png"}}, images.ImageError, "/no/such/folder/*.png: glob pattern matched nothing"),
+    ({"sets": {"a": "/no/such/folder/*.png"}}, images.ImageError,
+     "/no/such/folder/*.png: glob pattern matched nothing"),
 ]
 
 
@@ -110,11 +112,11 @@ STORE_CASES = [
     (lambda p: store.layer_dims((2, 3)), ValueError, "cannot store a layer output of per-image shape (2, 3)"),
     (lambda p: store.select(_tree(), ["nope"]), KeyError, "layers ['nope'] are not in this store; it has ['dense']"),
     (lambda p: store.select(_tree(), sets="b"), KeyError, "sets ['b'] are not in this store; it has ['a']"),
-    (lambda p: store.StoreLock(p, stale_after=0), ValueError, "stale_after must be a positive number of seconds"),
-    (lambda p: store.StoreLock(p, heartbeat=10, stale_after=5), ValueError,
+    (lambda p: lock.StoreLock(p, stale_after=0), ValueError, "stale_after must be a positive number of seconds"),
+    (lambda p: lock.StoreLock(p, heartbeat=10, stale_after=5), ValueError,
      "heartbeat=10 must be shorter than stale_after=5"),
-    (lambda p: store.StoreLock(p, break_lock="yes"), TypeError, "break_lock must be True or False"),
-    (lambda p: store.lock_url(None), TypeError, "store must be a non-empty path"),
+    (lambda p: lock.StoreLock(p, break_lock="yes"), TypeError, "break_lock must be True or False"),
+    (lambda p: lock.lock_url(None), TypeError, "store must be a non-empty path"),
 ]
 
 IMAGE_CASES = [

@@ -20,7 +20,8 @@ def _worker_state() -> dict:
     second[::4096] = b"\1" * len(range(0, size, 4096))
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     del second
-    return {"env": {k: os.environ.get(k) for k in {**MALLOC_ENV, **WORKER_ENV}}, "faults": faults, "pages": size // 4096}
+    env = {k: os.environ.get(k) for k in {**MALLOC_ENV, **WORKER_ENV}}
+    return {"env": env, "faults": faults, "pages": size // 4096}
 
 
 def test_embedded_workers_get_their_environment_and_reuse_freed_buffers():

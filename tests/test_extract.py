@@ -24,7 +24,7 @@ def _reference_outputs(model, sets):
     x = tiny_preprocess()(rgb.astype("float32"))
     names = [layer.name for layer in model.layers[1:]]
     probe = keras.Model(model.input, [model.get_layer(n).output for n in names])
-    outs = dict(zip(names, (np.asarray(o) for o in probe(x, training=False))))
+    outs = dict(zip(names, (np.asarray(o) for o in probe(x, training=False)), strict=True))
     outs["input_layer"] = x
     return table, outs
 
@@ -226,3 +226,21 @@ def test_file_url_store(tmp_path, local_client, tiny_model):
                                rtol=1e-5, atol=1e-6)
     assert tree.cnndiff.complete and (tmp_path / "url.zarr" / "zarr.json").is_file()
     assert store.info(url)["n_completed"] == 5
+
+
+def test_config_validates_once_and_defines_provenance_and_identity(tmp_path, tiny_model):
+    import dataclasses
+
+    from cnndiff_xr.extraction.config import IDENTITY_ATTRS, ExtractionConfig, identity
+
+    config = ExtractionConfig(store="s.zarr", model=tiny_model, preprocess=tiny_preprocess(), layers=["conv1"],
+                              attrs={"note": "made by a test"})
+    assert config.layers == ("conv1",) and config.store == os.path.abspath("s.zarr")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.dtype = "float16"
+    attrs = config.provenance(config.spec.backend(config.layers))
+    assert attrs["layers"] == ["conv1"] and attrs["model"] == "custom:tiny" and attrs["note"] == "made by a test"
+    assert identity(attrs) == {key: attrs[key] for key in IDENTITY_ATTRS}
+    assert "batch_size" not in identity(attrs) and "created" not in identity(attrs)
+    with pytest.raises(ValueError, match=r"attrs may not set \['dtype'\]"):
+        ExtractionConfig(store="s.zarr", model=tiny_model, preprocess=tiny_preprocess(), attrs={"dtype": "x"})

@@ -1,4 +1,4 @@
-"""Tests for cnndiff_xr.images: sources, decoding, resizing, the image table."""
+"""Tests for cnndiff_xr.extraction.images: sources, decoding, resizing, the image table."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from cnndiff_xr.extraction.images import (
     ArrayRef,
     FileRef,
     ImageError,
+    ImageRef,
     ImageSource,
     NoiseRef,
     NpyFrameRef,
@@ -30,6 +31,7 @@ from cnndiff_xr.extraction.images import (
     check_image,
     files,
     from_array,
+    from_refs,
     image_table,
     load_batch,
     movie_frames,
@@ -295,7 +297,7 @@ def test_movie_frames_every_kth_frame(tmp_path):
     assert [e[0] for e in entries] == [f"movie_one_frame{i:06d}" for i in (0, 3, 6, 9)]
     assert [e[1] for e in entries] == [f"{path}#frame={i}" for i in (0, 3, 6, 9)]
     assert [e[2] for e in entries] == [NpyFrameRef(str(path), i) for i in (0, 3, 6, 9)]
-    for (_, _, ref), i in zip(entries, (0, 3, 6, 9)):
+    for (_, _, ref), i in zip(entries, (0, 3, 6, 9), strict=True):
         np.testing.assert_array_equal(read_rgb(ref), frames[i])
 
     assert [e[2].frame for e in movie_frames(path, step=2, start=1, stop=6).entries()] == [1, 3, 5]
@@ -344,7 +346,7 @@ def test_white_noise_reproducible_and_order_independent():
 
     forward = [read_rgb(ref) for _, _, ref in entries]
     backward = [read_rgb(ref) for _, _, ref in reversed(white_noise(4, seed=7, size=(6, 5)).entries())][::-1]
-    for x, y in zip(forward, backward):
+    for x, y in zip(forward, backward, strict=True):
         assert x.shape == (6, 5, 3) and x.dtype == np.uint8
         np.testing.assert_array_equal(x, y)
     # Image 2 alone equals image 2 of the batch; a different index or seed differs.
@@ -562,6 +564,36 @@ def test_unreadable_file_is_permission_denied(tmp_path, monkeypatch):
         assert check_image(FileRef(path)) == "permission denied"
     finally:
         os.chmod(path, 0o644)
+
+
+class _Checkerboard:
+    """A new kind of image in one small class: it reads and describes itself (the ImageRef protocol)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def read(self) -> np.ndarray:
+        board = (np.indices((self.size, self.size)).sum(axis=0) % 2 * 255).astype(np.uint8)
+        return np.repeat(board[..., None], 3, axis=2)
+
+    def describe(self) -> str:
+        return f"checkerboard({self.size})"
+
+
+def test_any_object_following_the_protocol_is_an_image_reference():
+    refs = [_Checkerboard(4), _Checkerboard(6)]
+    assert all(isinstance(ref, ImageRef) for ref in refs)
+    assert all(isinstance(ref, ImageRef) for ref in [FileRef("/x.png"), NoiseRef(0, 0, 2, 2)])
+    table = image_table({"boards": refs, "noise": white_noise(1)})
+    assert table.ids == ["boards/000000", "boards/000001", "noise/noise_000000"]
+    assert table.sources[:2] == ["checkerboard(4)", "checkerboard(6)"]
+    batch = load_batch(table.refs, (4, 4))
+    np.testing.assert_array_equal(batch[0], refs[0].read())
+    assert check_image(refs[1]) is None
+    assert pickle.loads(pickle.dumps(refs[1])).describe() == "checkerboard(6)"  # travels to workers
+    assert _ids(as_source(refs[0])) == ["000000"]
+    with pytest.raises(TypeError, match="str is not an image reference"):
+        from_refs([refs[0], "x.png"])
 
 
 def test_read_rgb_rejects_non_refs():

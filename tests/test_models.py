@@ -112,3 +112,17 @@ def test_bad_model_arguments():
 
         inputs = keras.Input((4, 4, 3))
         models.make_spec(keras.Model(inputs, keras.layers.Flatten()(inputs)))
+
+
+def test_backends_are_discovered_and_chosen_by_the_model_argument():
+    from cnndiff_xr.extraction import backends
+
+    assert [f.name for f in backends.frameworks()] == ["keras"]
+    assert "vgg16" in backends.model_names()
+    spec = backends.model_spec("VGG16", weights=None, seed=2)
+    assert isinstance(spec, models.KerasModelSpec) and (spec.name, spec.weights, spec.seed) == ("vgg16", None, 2)
+    assert spec.key == models.make_spec("vgg16", weights=None, seed=2).key
+    with pytest.raises(ValueError, match="model='alexnet' is not a known keras.applications model"):
+        backends.model_spec("alexnet")
+    with pytest.raises(TypeError, match="model must be a keras.applications name or a keras.Model, got int"):
+        backends.model_spec(42)

@@ -1,4 +1,4 @@
-"""Object storage (issue 6, item 5): extraction into, and analysis from, an S3 bucket through fsspec/s3fs.
+"""Object storage: extraction into, and analysis from, an S3 bucket through fsspec/s3fs.
 
 The S3 server is real: moto's server mode, started here on 127.0.0.1 on a free port. Credentials and the endpoint come
 only from environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``); no
@@ -19,7 +19,7 @@ import xarray as xr
 from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess, write_pngs
 
 import cnndiff_xr as cx
-from cnndiff_xr.extraction import images, store
+from cnndiff_xr.extraction import images, lock, store
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -135,13 +135,13 @@ def test_rerun_on_s3_is_a_no_op_and_lock_is_exclusive(s3_store, tiny_model):
         with fs.open(f"{BUCKET}/exclusive", "xb") as fh:
             fh.write(b"2")
     assert fs.cat(f"{BUCKET}/exclusive") == b"1"
-    with store.StoreLock(url) as held:
-        assert store.read_lock(url)["token"] == held.token
-        with pytest.raises(store.StoreLockedError, match=f"store '{url}' is being written"):
-            store.StoreLock(url).acquire()
-        with pytest.raises(store.StoreLockedError):
+    with lock.StoreLock(url) as held:
+        assert lock.read_lock(url)["token"] == held.token
+        with pytest.raises(lock.StoreLockedError, match=f"store '{url}' is being written"):
+            lock.StoreLock(url).acquire()
+        with pytest.raises(lock.StoreLockedError):
             cx.extract(sets, store=url, model=tiny_model, preprocess=tiny_preprocess(), n_workers=1, progress=False)
-    assert store.read_lock(url) is None
+    assert lock.read_lock(url) is None
 
 
 def test_cli_info_on_s3_with_environment_credentials_only(s3_store, s3_env):

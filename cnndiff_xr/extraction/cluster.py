@@ -1,32 +1,36 @@
 """Dask clusters: the embedded LocalCluster default, connecting to a scheduler, and the per-worker model cache.
 
-The model is built once per worker by :class:`ModelPlugin` (registered with ``client.register_plugin``), lazily on
-the first task that needs it, so a model that cannot be built fails that task with a clear message instead of
-blocking registration. Keras models never travel through Dask's serializer: only the small :class:`ModelSpec` does.
+The model is built once per worker by :class:`ModelPlugin` (registered with ``client.register_plugin``), when the
+plugin is set up; a model that cannot be built fails the first task that needs it with a clear message instead of
+blocking registration. Framework models never travel through Dask's serializer: only the small
+:class:`~cnndiff_xr.extraction.backends.ModelSpec` does. Nothing here knows which framework that is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import dask
 import numpy as np
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
-from .backends.keras import LayerExtractor, ModelSpec, set_tf_threads
+from ..options import Dtype
+from ..validation import ParameterTypeError, ParameterValueError, check_bool, check_optional_int, is_int
+from .backends import ModelBackend, ModelSpec, worker_env
 
-# Set in every worker's environment before TensorFlow starts: one TF thread per Dask worker thread, so that two
-# workers on two cores do not each start a pool as wide as the machine and thrash.
+# Set in every worker's environment before any framework starts: what each model backend asks for (one framework
+# thread per Dask worker thread, so that two workers on two cores do not each start a pool as wide as the machine and
+# thrash), one OpenMP thread, and:
 WORKER_ENV = {
-    "TF_NUM_INTRAOP_THREADS": "1",
-    "TF_NUM_INTEROP_THREADS": "1",
+    **worker_env(),
     "OMP_NUM_THREADS": "1",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
     # distributed's statistical profiler samples every worker thread's Python stack every 10 ms; on this workload
     # it cost ~10 % of extraction throughput (benchmarks/RESULTS.md), and a one-task-at-a-time worker gains nothing
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
@@ -52,11 +56,14 @@ ADDRESS_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx", "inproc")
 _ADDRESS = re.compile(rf"(?:(?:{'|'.join(ADDRESS_SCHEMES)})://)?[^\s/]+")
 
 
-def check_address(address: str, name: str = "client") -> str:
+def check_address(address: Any, name: str = "client") -> str:
     """A scheduler address: ``[scheme://]host[:port]``, no spaces; the message names ``name``."""
-    if not isinstance(address, str) or not _ADDRESS.fullmatch(address.strip()):
-        raise ValueError(f"{name}={address!r} is not a Dask scheduler address; give [scheme://]host:port, e.g. "
-                         f"'tcp://10.0.0.5:8786' (schemes: {', '.join(ADDRESS_SCHEMES)})")
+    message = (f"{name}={address!r} is not a Dask scheduler address; give [scheme://]host:port, e.g. "
+               f"'tcp://10.0.0.5:8786' (schemes: {', '.join(ADDRESS_SCHEMES)})")
+    if not isinstance(address, str):
+        raise ParameterTypeError(message)
+    if not _ADDRESS.fullmatch(address.strip()):
+        raise ParameterValueError(message)
     return address.strip()
 
 
@@ -90,16 +97,12 @@ def get_client(
             yield connected
         return
     if client is not None:
-        raise TypeError(f"client must be None, a scheduler address or a distributed.Client, got "
-                        f"{type(client).__name__}: {client!r}")
-    if n_workers is not None and (not isinstance(n_workers, int) or isinstance(n_workers, bool) or n_workers < 1):
-        raise ValueError(f"n_workers must be a positive int or None (one per core), got {n_workers!r}")
-    if not isinstance(processes, bool):
-        raise TypeError(f"processes must be True (worker processes) or False (threads), got {processes!r}")
-    if not (memory_limit == "auto" or isinstance(memory_limit, str)
-            or (isinstance(memory_limit, int) and not isinstance(memory_limit, bool) and memory_limit >= 0)):
-        raise ValueError(f"memory_limit must be 'auto', a size such as '4GiB', or a number of bytes >= 0 "
-                         f"(0: no limit), got {memory_limit!r}")
+        raise ParameterTypeError(f"client must be None, a scheduler address or a distributed.Client, got "
+                                 f"{type(client).__name__}: {client!r}")
+    n_workers = check_optional_int("n_workers", n_workers, 1, what="a positive int or None (one per core)")
+    check_bool("processes", processes,
+               message=f"processes must be True (worker processes) or False (threads), got {processes!r}")
+    _check_memory_limit(memory_limit)
     workers = n_workers or default_n_workers()
     kwargs = {"env": WORKER_ENV} if processes else {}
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **MALLOC_ENV}
@@ -110,60 +113,73 @@ def get_client(
         yield local_client
 
 
+def _check_memory_limit(memory_limit: Any) -> None:
+    message = (f"memory_limit must be 'auto', a size such as '4GiB', or a number of bytes >= 0 (0: no limit), got "
+               f"{memory_limit!r}")
+    if isinstance(memory_limit, str):
+        return
+    if not is_int(memory_limit):
+        raise ParameterTypeError(message)
+    if memory_limit < 0:
+        raise ParameterValueError(message)
+
+
 class ModelPlugin(WorkerPlugin):
-    """Holds one :class:`LayerExtractor` per worker, built from a :class:`ModelSpec` when the plugin is set up.
+    """Holds one :class:`~cnndiff_xr.extraction.backends.ModelBackend` per worker, built from a
+    :class:`~cnndiff_xr.extraction.backends.ModelSpec` when the plugin is set up.
 
     Building in ``setup`` (which ``client.register_plugin`` waits for) keeps the model load out of the batches'
     timing and builds on every worker at once; a failure is kept and raised by the first task that needs the model,
     so it reaches the client with its message instead of only a worker log line.
     """
 
-    def __init__(self, spec: ModelSpec, layers: Sequence[str], dtype: str = "float32"):
+    def __init__(self, spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32") -> None:
         self.spec = spec
         self.layers = list(layers)
-        self.dtype = dtype
+        self.dtype: Dtype = dtype
         self.name = plugin_name(spec, layers, dtype)
-        self._extractor: LayerExtractor | None = None
+        self._model: ModelBackend | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
-    def __getstate__(self):  # the built model and the lock stay in the worker
+    def __getstate__(self) -> dict[str, Any]:  # the built model and the lock stay in the worker
         return {"spec": self.spec, "layers": self.layers, "dtype": self.dtype}
 
-    def __setstate__(self, state):
-        self.__init__(state["spec"], state["layers"], state["dtype"])
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"], state["layers"], state["dtype"])  # type: ignore[misc]
 
-    def setup(self, worker) -> None:
-        # Workers this package starts get one TF thread each (WORKER_ENV); a user's own workers keep their settings
-        if "TF_NUM_INTRAOP_THREADS" in os.environ:
-            set_tf_threads(int(os.environ["TF_NUM_INTRAOP_THREADS"]), int(os.environ.get("TF_NUM_INTEROP_THREADS", 1)))
+    def setup(self, worker: Any) -> None:
+        self.spec.prepare_process()  # before the framework runs anything in this process (thread pools)
         try:
-            extractor = self.extractor()
-            # one tiny batch now: the first call of a Keras model pays for kernel selection and allocator warm-up
-            extractor.run(np.zeros((1, *extractor.input_size, 3), dtype=np.uint8))
+            model = self.model()
+            # one tiny batch now: the first call of a model pays for kernel selection and allocator warm-up
+            model.run(np.zeros((1, *model.input_size, 3), dtype=np.uint8))
         except Exception as err:
             self._error = err
 
-    def extractor(self) -> LayerExtractor:
+    def model(self) -> ModelBackend:
+        """The model built on this worker (built now if ``setup`` has not run); raises what building it raised."""
         with self._lock:
             if self._error is not None:
                 raise self._error
-            if self._extractor is None:
-                self._extractor = LayerExtractor(self.spec, self.layers, self.dtype)
-            return self._extractor
+            if self._model is None:
+                self._model = self.spec.backend(self.layers, self.dtype)
+            return self._model
 
 
-def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: str = "float32") -> str:
-    import hashlib
-
+def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32") -> str:
+    """The name of the model plugin for ``spec``, ``layers`` and ``dtype`` (deterministic, the same in every
+    process): two runs of one model share the workers' copy, two models on one cluster do not collide."""
     return f"cnndiff-model-{spec.key}-{hashlib.sha256(repr((list(layers), dtype)).encode()).hexdigest()[:8]}"
 
 
-def worker_extractor(name: str) -> LayerExtractor:
-    """The extractor cached on the current worker by the plugin registered under ``name``."""
+def worker_model(name: str) -> ModelBackend:
+    """The model cached on the current worker by the plugin registered under ``name``."""
     worker = get_worker()
     try:
         plugin = worker.plugins[name]
     except KeyError as err:
         raise RuntimeError(f"worker {worker.address} has no model plugin {name!r}; was it registered?") from err
-    return plugin.extractor()
+    if not isinstance(plugin, ModelPlugin):
+        raise RuntimeError(f"worker plugin {name!r} is a {type(plugin).__name__}, not a cnndiff model plugin")
+    return plugin.model()

@@ -5,8 +5,14 @@ about models or stores: it turns what a user names (globs, folders, lists of fil
 arrays, ``.npy`` movies, white noise) into an ordered table of small, picklable *references*,
 and turns one reference into pixels on whichever Dask worker the reference was shipped to.
 
+An image reference is anything that follows the :class:`ImageRef` protocol: it can read its
+pixels and describe itself. :class:`FileRef`, :class:`NpyFrameRef`, :class:`ArrayRef` and
+:class:`NoiseRef` are the four kinds this module makes; a new kind of image (frames of a video
+file, say) is one more such class, which :func:`from_refs` (or a list of them given as a set)
+turns into a source.
+
 Pixels are always ``uint8`` RGB of shape ``(height, width, 3)``; the model's own preprocessing
-(``preprocess_input``) is applied later, in :mod:`cnndiff_xr.models`.
+(``preprocess_input``) is applied later, by the model backend (:mod:`cnndiff_xr.extraction.backends`).
 
 Nothing here imports TensorFlow.
 """
@@ -15,17 +21,19 @@ from __future__ import annotations
 
 import glob
 import io
-import operator
 import os
 import posixpath
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ..options import RESIZE_POLICIES, SPEC_ERRORS, ResizePolicy, SpecErrors
+from ..validation import ParameterTypeError, ParameterValueError, check_choice, check_index
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -41,6 +49,7 @@ __all__ = [
     "from_array",
     "movie_frames",
     "white_noise",
+    "from_refs",
     "as_source",
     "ImageTable",
     "image_table",
@@ -54,8 +63,6 @@ __all__ = [
 #: File name extensions that a folder search picks up (compared case-insensitively).
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
-#: Accepted values of the ``policy`` argument of :func:`resize` (``resize=`` elsewhere).
-RESIZE_POLICIES = ("nearest", "bilinear", "center_crop")
 
 
 class ImageError(ValueError):
@@ -73,12 +80,12 @@ class ImageError(ValueError):
         Why it could not be read, without the source; :func:`check_image` returns this.
     """
 
-    def __init__(self, message: str, *, source: str | None = None, reason: str | None = None):
+    def __init__(self, message: str, *, source: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.source = source
         self.reason = reason if reason is not None else message
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., ImageError], tuple[str, str | None, str | None]]:
         # Exceptions cross process boundaries on Dask; the default pickling would keep only
         # ``args`` and lose ``source``/``reason``.
         return (_rebuild_image_error, (str(self), self.source, self.reason))
@@ -103,19 +110,37 @@ def _spec_error(spec: str, reason: str) -> ImageError:
     return ImageError(message, source=spec, reason=reason)
 
 
-#: Accepted values of the ``errors`` argument of :func:`files` and :func:`image_table`.
-SPEC_ERRORS = ("raise", "collect")
-
-
-def _check_spec_errors(errors: Any) -> str:
-    if errors not in SPEC_ERRORS:
-        raise ValueError(f"errors={errors!r}; choose one of {SPEC_ERRORS}")
-    return errors
+def _check_spec_errors(errors: Any) -> SpecErrors:
+    """The ``errors`` argument of :func:`files` and :func:`image_table` (one of ``SPEC_ERRORS``)."""
+    return check_choice("errors", errors, SPEC_ERRORS, message=f"errors={errors!r}; choose one of {SPEC_ERRORS}")
 
 
 # --------------------------------------------------------------------------------------------
 # References: one small, picklable object per image. Workers receive these, not pixels.
 # --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ImageRef(Protocol):
+    """One image: a small, picklable reference that Dask workers receive instead of pixels.
+
+    Any object with these two methods is an image reference: :func:`image_table` takes it from
+    any source, :func:`read_rgb`, :func:`check_image` and :func:`load_batch` read it. It must
+    pickle (it travels to the workers), and reading it must give the same pixels in every
+    process, since a rerun rewrites a batch and expects the same bytes.
+    """
+
+    def read(self) -> np.ndarray:
+        """The pixels as an owned, writeable ``(H, W, 3)`` uint8 array.
+
+        Raises :class:`ImageError` (naming :meth:`describe` and the reason) when the image
+        cannot be read; :func:`check_image` reports that reason.
+        """
+        ...
+
+    def describe(self) -> str:
+        """A short human-readable name of the image (a path, ``path#frame=i``, ...) for messages."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,12 @@ class FileRef:
     """
 
     path: str
+
+    def read(self) -> np.ndarray:
+        return _decode_file(self.path)
+
+    def describe(self) -> str:
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -154,6 +185,12 @@ class NpyFrameRef:
     # An addition to (path, frame): without it float movies could only be read as 0..1.
     value_range: tuple[float, float] | None = None
 
+    def read(self) -> np.ndarray:
+        return _read_npy_frame(self)
+
+    def describe(self) -> str:
+        return f"{self.path}#frame={self.frame}"
+
 
 # eq=False: equality and hashing by identity. Comparing pixel arrays element-wise would make
 # ``ref == ref`` an array, and hashing an ndarray is impossible.
@@ -175,6 +212,21 @@ class ArrayRef:
     def __repr__(self) -> str:
         return f"ArrayRef(shape={self.pixels.shape}, dtype={self.pixels.dtype}, value_range={self.value_range})"
 
+    def read(self) -> np.ndarray:
+        where = self.describe()
+        pixels = np.asarray(self.pixels)
+        good_shape = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 3, 4))
+        if not good_shape or min(pixels.shape[:2], default=0) == 0:
+            raise _unreadable(where, "pixels must be a non-empty (H, W) or (H, W, C) array with C in 1, 3, 4")
+        try:
+            _default_value_range(pixels.dtype)  # rejects object/str/complex dtypes
+        except ImageError as exc:
+            raise _unreadable(where, str(exc)) from None
+        return _pixels_to_rgb(pixels, self.value_range, where)
+
+    def describe(self) -> str:
+        return f"in-memory array image of shape {getattr(self.pixels, 'shape', '?')}"
+
 
 @dataclass(frozen=True)
 class NoiseRef:
@@ -193,22 +245,23 @@ class NoiseRef:
     height: int
     width: int
 
+    def read(self) -> np.ndarray:
+        height, width = _check_size((self.height, self.width), "NoiseRef (height, width)")
+        rng = np.random.default_rng([self.seed, self.index])
+        return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
-ImageRef = FileRef | NpyFrameRef | ArrayRef | NoiseRef
-_REF_TYPES = (FileRef, NpyFrameRef, ArrayRef, NoiseRef)
+    def describe(self) -> str:
+        return f"white_noise(seed={self.seed})[{self.index}]"
 
 
-def _describe(ref: ImageRef) -> str:
-    """A human-readable name of a reference, for error messages."""
-    if isinstance(ref, FileRef):
-        return ref.path
-    if isinstance(ref, NpyFrameRef):
-        return f"{ref.path}#frame={ref.frame}"
-    if isinstance(ref, ArrayRef):
-        return f"in-memory array image of shape {getattr(ref.pixels, 'shape', '?')}"
-    if isinstance(ref, NoiseRef):
-        return f"white_noise(seed={ref.seed})[{ref.index}]"
-    return repr(ref)
+def _is_refs(obj: Any) -> bool:
+    """Whether ``obj`` is a non-empty list or tuple of image references (a set given as references)."""
+    return isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(item, ImageRef) for item in obj)
+
+
+def _names_files(obj: Any) -> bool:
+    """Whether ``obj`` names files for :func:`files`: a path, glob, folder or URL, or a list of them."""
+    return isinstance(obj, (str, os.PathLike)) or (isinstance(obj, (list, tuple)) and not _is_refs(obj))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +273,8 @@ class ImageSource:
     """Base class of image sources: something that lists images in a deterministic order.
 
     Subclasses implement :meth:`entries`. The factories :func:`files`, :func:`from_array`,
-    :func:`movie_frames` and :func:`white_noise` return instances; :func:`as_source` turns
-    plain Python objects into one.
+    :func:`movie_frames`, :func:`white_noise` and :func:`from_refs` return instances;
+    :func:`as_source` turns plain Python objects into one.
     """
 
     def entries(self) -> list[tuple[str, str, ImageRef]]:
@@ -250,7 +303,7 @@ class _ListedSource(ImageSource):
     """A source whose entries were resolved when it was made (so errors surface early)."""
 
     def __init__(self, description: str, entries: Iterable[tuple[str, str, ImageRef]],
-                 problems: Iterable[tuple[str, str]] = ()):
+                 problems: Iterable[tuple[str, str]] = ()) -> None:
         self.description = description
         self._entries = tuple(entries)
         self._problems = tuple(problems)
@@ -279,11 +332,13 @@ def _normalise_extensions(extensions: Iterable[str] | None) -> tuple[str, ...] |
         extensions = (extensions,)
     out = []
     for ext in extensions:
-        if not isinstance(ext, str) or not ext.strip("."):
-            raise ValueError(f"extensions must be strings such as '.png', got {ext!r}")
+        if not isinstance(ext, str):
+            raise ParameterTypeError(f"extensions must be strings such as '.png', got {ext!r}")
+        if not ext.strip("."):
+            raise ParameterValueError(f"extensions must be strings such as '.png', got {ext!r}")
         out.append(("." + ext.lstrip(".")).lower())
     if not out:
-        raise ValueError("extensions is empty; pass None to accept every file in a folder")
+        raise ParameterValueError("extensions is empty; pass None to accept every file in a folder")
     return tuple(out)
 
 
@@ -297,7 +352,7 @@ def _is_hidden(rel_posix: str) -> bool:
     return any(part.startswith(".") for part in rel_posix.split("/") if part not in (".", ".."))
 
 
-def _glob_base(pattern: str, dirname) -> str:
+def _glob_base(pattern: str, dirname: Callable[[str], str]) -> str:
     """The longest leading part of ``pattern`` without glob magic (its folder)."""
     head = dirname(pattern)
     while glob.has_magic(head):
@@ -397,7 +452,7 @@ def _spec_to_str(item: Any, where: str) -> str:
         text = os.fspath(item)
         if isinstance(text, str) and text:
             return text
-    raise TypeError(f"{where} must be a non-empty str or os.PathLike, got {type(item).__name__}: {item!r}")
+    raise ParameterTypeError(f"{where} must be a non-empty str or os.PathLike, got {type(item).__name__}: {item!r}")
 
 
 def _relative(expanded: _Expanded, base: str, path: str) -> str:
@@ -407,10 +462,10 @@ def _relative(expanded: _Expanded, base: str, path: str) -> str:
 
 
 def files(
-    spec: str | os.PathLike | Sequence[str | os.PathLike],
-    extensions: Iterable[str] | None = DEFAULT_EXTENSIONS,
+    spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
-    errors: str = "raise",
+    extensions: Iterable[str] | None = DEFAULT_EXTENSIONS,
+    errors: SpecErrors = "raise",
 ) -> ImageSource:
     """Image files named by a glob pattern, a folder, a file, a URL, or a list of those.
 
@@ -466,7 +521,8 @@ def files(
         items = [_spec_to_str(spec, "files() spec")]
         description = f"files({items[0]!r})"
 
-    expansions, problems = [], []
+    expansions: list[_Expanded] = []
+    problems: list[tuple[str, str]] = []
     for item in items:
         try:
             expansions.append(_expand_url(item, exts) if "://" in item else _expand_local(item, exts))
@@ -492,8 +548,8 @@ def files(
         except ValueError:  # different drives, or absolute mixed with relative keys
             base = "" if expansions[0].fs is not None else os.path.abspath(os.sep)
 
-    entries = []
-    seen = set()
+    entries: list[tuple[str, str, ImageRef]] = []
+    seen: set[str] = set()
     for e in expansions:
         ordered = sorted(e.paths, key=lambda p: _relative(e, e.base, p))
         for p in ordered:
@@ -590,7 +646,9 @@ def _check_image_stack(shape: tuple[int, ...], dtype: np.dtype, name: str, where
         raise ImageError(f"{name}: {where} has dtype {dtype}; use bool, integer or float pixels")
 
 
-def from_array(array: np.ndarray, name: str = "array", value_range: tuple[float, float] | None = None) -> ImageSource:
+def from_array(
+    array: np.ndarray, *, name: str = "array", value_range: tuple[float, float] | None = None
+) -> ImageSource:
     """Images held in a NumPy array.
 
     Parameters
@@ -622,7 +680,9 @@ def from_array(array: np.ndarray, name: str = "array", value_range: tuple[float,
         value_range = _default_value_range(array.dtype)
     value_range = _check_value_range(value_range)
     _check_pixel_values(array, value_range, f"from_array: array {name!r}")
-    entries = [(f"{i:06d}", f"array:{name}[{i}]", ArrayRef(array[i], value_range)) for i in range(array.shape[0])]
+    entries: list[tuple[str, str, ImageRef]] = [
+        (f"{i:06d}", f"array:{name}[{i}]", ArrayRef(array[i], value_range)) for i in range(array.shape[0])
+    ]
     return _ListedSource(f"from_array({name!r})", entries)
 
 
@@ -646,17 +706,17 @@ def _open_npy(path: str) -> np.ndarray:
     return arr
 
 
-def _operator_index(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}: {value!r}") from None
+def _index_at_least(name: str, value: Any, minimum: int, hint: str = "") -> int:
+    """An integer (``operator.index``) >= ``minimum``; the message reads "{name} must be >= {minimum}{hint}"."""
+    index = check_index(name, value)
+    if index < minimum:
+        raise ParameterValueError(f"{name} must be >= {minimum}{hint}, got {index}")
+    return index
 
 
 def movie_frames(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
+    *,
     step: int = 1,
     start: int = 0,
     stop: int | None = None,
@@ -692,16 +752,10 @@ def movie_frames(
         A bad ``step``, ``start`` or ``stop`` (the message names it).
     """
     spec = _spec_to_str(path, "movie_frames() path")
-    step = _operator_index(step, "step")
-    start = _operator_index(start, "start")
-    if step < 1:
-        raise ValueError(f"step must be >= 1, got {step}")
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
+    step = _index_at_least("step", step, 1)
+    start = _index_at_least("start", start, 0)
     if stop is not None:
-        stop = _operator_index(stop, "stop")
-        if stop < 0:
-            raise ValueError(f"stop must be >= 0 or None, got {stop}")
+        stop = _index_at_least("stop", stop, 0, " or None")
     if value_range is not None:
         value_range = _check_value_range(value_range)
 
@@ -718,7 +772,7 @@ def movie_frames(
     if len(indices) == 0:
         raise ImageError(f"movie_frames: start={start}, stop={stop} select no frames of {abspath} ({n} frames)")
     stem = Path(abspath).stem
-    entries = [
+    entries: list[tuple[str, str, ImageRef]] = [
         (f"{stem}_frame{i:06d}", f"{abspath}#frame={i}", NpyFrameRef(abspath, i, value_range)) for i in indices
     ]
     return _ListedSource(f"movie_frames({spec!r}, step={step})", entries)
@@ -731,14 +785,14 @@ def _check_size(size: Any, name: str = "size") -> tuple[int, int]:
     try:
         height, width = size
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be (height, width), got {size!r}") from None
-    height, width = _operator_index(height, name), _operator_index(width, name)
+        raise ParameterTypeError(f"{name} must be (height, width), got {size!r}") from None
+    height, width = check_index(name, height), check_index(name, width)
     if height < 1 or width < 1:
-        raise ValueError(f"{name} must be positive (height, width), got {size!r}")
+        raise ParameterValueError(f"{name} must be positive (height, width), got {size!r}")
     return height, width
 
 
-def white_noise(n: int, seed: int = 0, size: tuple[int, int] = (224, 224)) -> ImageSource:
+def white_noise(n: int, *, seed: int = 0, size: tuple[int, int] = (224, 224)) -> ImageSource:
     """Uniform uint8 RGB noise images.
 
     Parameters
@@ -757,17 +811,53 @@ def white_noise(n: int, seed: int = 0, size: tuple[int, int] = (224, 224)) -> Im
         ``local_id`` ``f"noise_{i:06d}"``, source ``f"white_noise(seed={seed})[{i}]"``,
         refs :class:`NoiseRef`.
     """
-    n = _operator_index(n, "n")
-    seed = _operator_index(seed, "seed")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0 (numpy seeds are non-negative), got {seed}")
+    n = _index_at_least("n", n, 1)
+    seed = _index_at_least("seed", seed, 0, " (numpy seeds are non-negative)")
     height, width = _check_size(size)
-    entries = [
+    entries: list[tuple[str, str, ImageRef]] = [
         (f"noise_{i:06d}", f"white_noise(seed={seed})[{i}]", NoiseRef(seed, i, height, width)) for i in range(n)
     ]
     return _ListedSource(f"white_noise({n}, seed={seed}, size=({height}, {width}))", entries)
+
+
+# ---- any image references ----------------------------------------------------------------------
+
+
+def from_refs(refs: ImageRef | Sequence[ImageRef], *, name: str = "refs") -> ImageSource:
+    """Images given as references of any kind that follows the :class:`ImageRef` protocol.
+
+    This is how a new kind of image joins an extraction without a new source class: write a
+    small picklable class with ``read()`` and ``describe()`` (one frame of a video file, one
+    tile of a slide) and pass a list of its instances as a set.
+
+    Parameters
+    ----------
+    refs : ImageRef or sequence of ImageRef
+        The images, in store order.
+    name : str, default "refs"
+        Names the source in its ``repr``.
+
+    Returns
+    -------
+    ImageSource
+        ``local_id`` ``f"{i:06d}"``, source ``ref.describe()``, the references themselves.
+
+    Raises
+    ------
+    TypeError
+        An item does not follow the :class:`ImageRef` protocol.
+    ValueError
+        ``refs`` is empty.
+    """
+    items = [refs] if isinstance(refs, ImageRef) else list(refs)
+    if not items:
+        raise ParameterValueError("from_refs(): the list of image references is empty")
+    for item in items:
+        if not isinstance(item, ImageRef):
+            raise ParameterTypeError(f"from_refs(): {type(item).__name__} is not an image reference (an object with "
+                                     "read() and describe() methods)")
+    entries = [(f"{i:06d}", ref.describe(), ref) for i, ref in enumerate(items)]
+    return _ListedSource(f"from_refs({name!r})", entries)
 
 
 def as_source(obj: Any) -> ImageSource:
@@ -775,9 +865,11 @@ def as_source(obj: Any) -> ImageSource:
 
     Parameters
     ----------
-    obj : str, os.PathLike, list, tuple, numpy.ndarray or ImageSource
+    obj : str, os.PathLike, list, tuple, numpy.ndarray, ImageRef or ImageSource
         Paths, globs, folders and URLs (alone or in a list/tuple) go to :func:`files`;
-        arrays to :func:`from_array`; sources are returned unchanged.
+        arrays to :func:`from_array`; an image reference or a list of them (any object with
+        ``read()`` and ``describe()``, see :class:`ImageRef`) to :func:`from_refs`; sources
+        are returned unchanged.
 
     Raises
     ------
@@ -786,13 +878,15 @@ def as_source(obj: Any) -> ImageSource:
     """
     if isinstance(obj, ImageSource):
         return obj
-    if isinstance(obj, (str, os.PathLike, list, tuple)):
+    if isinstance(obj, ImageRef) or _is_refs(obj):
+        return from_refs(obj)
+    if _names_files(obj):
         return files(obj)
     if isinstance(obj, np.ndarray):
         return from_array(obj)
-    raise TypeError(
+    raise ParameterTypeError(
         f"cannot make an image source from {type(obj).__name__}; pass a path, glob, folder, URL, "
-        "a list of those, a numpy array, or an ImageSource"
+        "a list of those, a numpy array, image references, or an ImageSource"
     )
 
 
@@ -838,7 +932,7 @@ class ImageTable:
         return list(dict.fromkeys(self.sets))
 
 
-def image_table(sets: Mapping[str, Any], *, errors: str = "raise") -> ImageTable:
+def image_table(sets: Mapping[str, Any], *, errors: SpecErrors = "raise") -> ImageTable:
     """Build the image table from named image sets.
 
     Parameters
@@ -866,30 +960,34 @@ def image_table(sets: Mapping[str, Any], *, errors: str = "raise") -> ImageTable
         ``sets`` is not a mapping, or a source yields something that is not an image reference.
     """
     if not isinstance(sets, Mapping):
-        raise TypeError(f"sets must be a mapping of set name -> images, got {type(sets).__name__}")
+        raise ParameterTypeError(f"sets must be a mapping of set name -> images, got {type(sets).__name__}")
     if not sets:
-        raise ValueError("sets is empty; give at least one image set, e.g. {'cats': 'data/cats/*.jpg'}")
+        raise ParameterValueError("sets is empty; give at least one image set, e.g. {'cats': 'data/cats/*.jpg'}")
     errors = _check_spec_errors(errors)
-    ids, set_of, sources, refs, problems = [], [], [], [], []
+    ids: list[str] = []
+    set_of: list[str] = []
+    sources: list[str] = []
+    refs: list[ImageRef] = []
+    problems: list[dict[str, str]] = []
     for set_name, spec in sets.items():
         if not isinstance(set_name, str) or not set_name or "/" in set_name:
-            raise ValueError(f"set name {set_name!r} is invalid: set names must be non-empty strings without '/'")
-        if errors == "collect" and isinstance(spec, (str, os.PathLike, list, tuple)):
-            source_obj = files(spec, errors="collect")
-        else:
-            source_obj = as_source(spec)
+            raise ParameterValueError(f"set name {set_name!r} is invalid: set names must be non-empty strings "
+                                      "without '/'")
+        source_obj = files(spec, errors="collect") if errors == "collect" and _names_files(spec) else as_source(spec)
         problems += [{"set": set_name, "source": str(where), "reason": str(why)} for where, why in source_obj.problems]
         for local_id, source, ref in source_obj.entries():
-            if not isinstance(ref, _REF_TYPES):
-                raise TypeError(f"set {set_name!r}: {type(ref).__name__} is not an image reference ({source})")
+            if not isinstance(ref, ImageRef):
+                raise ParameterTypeError(f"set {set_name!r}: {type(ref).__name__} is not an image reference (an "
+                                         f"object with read() and describe() methods) ({source})")
             if not isinstance(local_id, str) or not local_id:
-                raise ValueError(f"set {set_name!r}: local ids must be non-empty strings, got {local_id!r}")
+                raise ParameterValueError(f"set {set_name!r}: local ids must be non-empty strings, got {local_id!r}")
             ids.append(f"{set_name}/{local_id}")
             set_of.append(set_name)
             sources.append(source)
             refs.append(ref)
     if len(set(ids)) != len(ids):
-        seen, dups = set(), []
+        seen: set[str] = set()
+        dups: list[str] = []
         for image_id in ids:
             if image_id in seen and image_id not in dups:
                 dups.append(image_id)
@@ -1005,11 +1103,11 @@ def _decode_file(path: str) -> np.ndarray:
 
 
 def _read_npy_frame(ref: NpyFrameRef) -> np.ndarray:
-    where = _describe(ref)
+    where = ref.describe()
     movie = _open_npy(ref.path)
     try:
         _check_image_stack(movie.shape, movie.dtype, "NpyFrameRef", f"movie {ref.path}")
-        frame = _operator_index(ref.frame, "frame")
+        frame = check_index("frame", ref.frame)
         if not 0 <= frame < movie.shape[0]:
             raise _unreadable(where, f"frame {frame} is out of range: the movie has {movie.shape[0]} frames")
         pixels = np.array(movie[frame])  # copies this frame only, out of the mapping
@@ -1019,18 +1117,14 @@ def _read_npy_frame(ref: NpyFrameRef) -> np.ndarray:
     return _pixels_to_rgb(pixels, value_range, where)
 
 
-def _noise(ref: NoiseRef) -> np.ndarray:
-    height, width = _check_size((ref.height, ref.width), "NoiseRef (height, width)")
-    rng = np.random.default_rng([ref.seed, ref.index])
-    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-
-
 def read_rgb(ref: ImageRef) -> np.ndarray:
     """Decode one image to RGB uint8 at its own size.
 
     Parameters
     ----------
-    ref : FileRef, NpyFrameRef, ArrayRef or NoiseRef
+    ref : ImageRef
+        :class:`FileRef`, :class:`NpyFrameRef`, :class:`ArrayRef`, :class:`NoiseRef`, or any
+        other object that follows the :class:`ImageRef` protocol (it reads itself).
 
     Returns
     -------
@@ -1073,25 +1167,10 @@ def read_rgb(ref: ImageRef) -> np.ndarray:
     rounded; values outside the range raise), greyscale or one channel is copied into three,
     and a fourth (alpha) channel is dropped.
     """
-    if isinstance(ref, FileRef):
-        return _decode_file(ref.path)
-    if isinstance(ref, NpyFrameRef):
-        return _read_npy_frame(ref)
-    if isinstance(ref, ArrayRef):
-        where = _describe(ref)
-        pixels = np.asarray(ref.pixels)
-        good_shape = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 3, 4))
-        if not good_shape or min(pixels.shape[:2], default=0) == 0:
-            raise _unreadable(where, "pixels must be a non-empty (H, W) or (H, W, C) array with C in 1, 3, 4")
-        try:
-            _default_value_range(pixels.dtype)  # rejects object/str/complex dtypes
-        except ImageError as exc:
-            raise _unreadable(where, str(exc)) from None
-        return _pixels_to_rgb(pixels, ref.value_range, where)
-    if isinstance(ref, NoiseRef):
-        return _noise(ref)
-    names = ", ".join(t.__name__ for t in _REF_TYPES)
-    raise TypeError(f"read_rgb needs an image reference ({names}), got {type(ref).__name__}")
+    if not isinstance(ref, ImageRef):
+        raise ParameterTypeError(f"read_rgb needs an image reference (an object with read() and describe() methods, "
+                                 f"such as FileRef, NpyFrameRef, ArrayRef, NoiseRef), got {type(ref).__name__}")
+    return ref.read()
 
 
 def check_image(ref: ImageRef) -> str | None:
@@ -1119,10 +1198,9 @@ def check_image(ref: ImageRef) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_policy(policy: Any) -> str:
-    if policy not in RESIZE_POLICIES:
-        raise ValueError(f"unknown resize policy {policy!r}: resize must be one of {RESIZE_POLICIES}")
-    return policy
+def _check_policy(policy: Any) -> ResizePolicy:
+    return check_choice("resize", policy, RESIZE_POLICIES,
+                        message=f"unknown resize policy {policy!r}: resize must be one of {RESIZE_POLICIES}")
 
 
 def _centre_box(height: int, width: int, target_h: int, target_w: int) -> tuple[int, int, int, int]:
@@ -1138,7 +1216,7 @@ def _centre_box(height: int, width: int, target_h: int, target_w: int) -> tuple[
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-def resize(rgb: np.ndarray, size: tuple[int, int], policy: str = "nearest") -> np.ndarray:
+def resize(rgb: np.ndarray, size: tuple[int, int], policy: ResizePolicy = "nearest") -> np.ndarray:
     """Resize an RGB uint8 image to the model's input size.
 
     Parameters
@@ -1169,12 +1247,12 @@ def resize(rgb: np.ndarray, size: tuple[int, int], policy: str = "nearest") -> n
     policy = _check_policy(policy)
     height, width = _check_size(size)
     if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
-        raise ValueError(
+        raise ParameterValueError(
             f"rgb must be an (H, W, 3) uint8 array, got {type(rgb).__name__} "
             f"{getattr(rgb, 'shape', '')} {getattr(rgb, 'dtype', '')}"
         )
     if min(rgb.shape[:2]) == 0:
-        raise ValueError(f"rgb holds no pixels (shape {rgb.shape})")
+        raise ParameterValueError(f"rgb holds no pixels (shape {rgb.shape})")
     if policy == "center_crop":
         top, left, crop_h, crop_w = _centre_box(rgb.shape[0], rgb.shape[1], height, width)
         rgb = rgb[top : top + crop_h, left : left + crop_w]
@@ -1185,7 +1263,7 @@ def resize(rgb: np.ndarray, size: tuple[int, int], policy: str = "nearest") -> n
     return np.array(image.resize((width, height), resample), dtype=np.uint8)  # Pillow sizes are (w, h)
 
 
-def load_batch(refs: Sequence[ImageRef], size: tuple[int, int], policy: str = "nearest") -> np.ndarray:
+def load_batch(refs: Sequence[ImageRef], size: tuple[int, int], policy: ResizePolicy = "nearest") -> np.ndarray:
     """Read and resize a batch of images.
 
     Parameters

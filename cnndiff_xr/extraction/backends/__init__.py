@@ -1,1 +1,237 @@
-"""Model backends: what extraction needs from a deep-learning framework."""
+"""Model backends: what extraction needs from a deep-learning framework, and how one is chosen.
+
+Extraction talks to a model only through two protocols:
+
+* :class:`ModelSpec` -- the small, picklable description of a model (a name and weights, or a user's model saved to
+  bytes) that travels to the Dask workers; each worker builds it once.
+* :class:`ModelBackend` -- the model built in one process: its input size, the layers it stores and their shapes, one
+  call from a batch of RGB images to every layer's activation, and the facts that go into a store's provenance.
+
+Each module of this package is one framework's implementation. It declares itself with a module-level
+``FRAMEWORK = Framework(...)``: which ``model`` arguments it handles and how it turns one into a :class:`ModelSpec`.
+:func:`frameworks` finds those modules with :mod:`pkgutil`, so a new backend (PyTorch, say) is one new module here and
+needs no change anywhere else. Only a backend module may import its framework, and only inside functions, so that
+``import cnndiff_xr`` stays fast and analysis-only users never load one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.metadata
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from ...options import LAYER_PRESETS, Dtype, LayerPreset
+from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, check_choice
+
+#: What ``layers=`` may be: None (every layer but pure reshapes), a preset name, or layer names in any order.
+Layers = LayerPreset | Sequence[str] | None
+#: ``layers=`` once checked (:func:`check_layer_selection`): the names as a tuple.
+LayerSelection = LayerPreset | tuple[str, ...] | None
+
+
+class ModelBackend(Protocol):
+    """A model built in one process, ready to map batches of images to the activations of the chosen layers."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the model's input: images are resized to it."""
+        ...
+
+    @property
+    def layers(self) -> list[str]:
+        """The store names of the chosen layers, in network order (the input is ``schema.INPUT_LAYER``)."""
+        ...
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-image output shape of each chosen layer, channels last: ``(y, x, filter)`` or ``(filter,)``."""
+        ...
+
+    @property
+    def has_imagenet_head(self) -> bool:
+        """Whether the model ends in 1000 ImageNet class probabilities (then the top class is recorded per image)."""
+        ...
+
+    @property
+    def output_layer(self) -> str:
+        """The store name of the layer whose output is the model's output (it gets class labels as filter labels)."""
+        ...
+
+    @property
+    def model_label(self) -> str:
+        """The model, as the store's provenance names it (``"vgg16"``, ``"custom:tiny"``)."""
+        ...
+
+    @property
+    def weights_label(self) -> str:
+        """The weights, as the store's provenance names them (``"imagenet"``, ``"random(seed=0)"``, a path)."""
+        ...
+
+    @property
+    def preprocessing(self) -> str:
+        """A stable name of the preprocessing function (the same in every process and run)."""
+        ...
+
+    def run(self, rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Activations of a ``(batch, height, width, 3)`` uint8 RGB batch per store layer name, in the backend's
+        dtype, and the class probabilities (float32, ``(batch, classes)``; None without an ImageNet head)."""
+        ...
+
+    def weights_digest(self) -> str:
+        """sha256 over every weight (names, shapes, dtypes, bytes): the identity of the weights a store holds."""
+        ...
+
+    def framework_versions(self) -> dict[str, str]:
+        """Provenance attributes naming the framework and its version (``{"keras_version": ..., ...}``)."""
+        ...
+
+    def class_labels(self) -> list[str] | None:
+        """The names of the output classes of an ImageNet head, or None (no head, or the names cannot be had)."""
+        ...
+
+
+class ModelSpec(Protocol):
+    """A model's description: small, picklable and the same in every process, so that each Dask worker can build
+    the same model once (models themselves never travel through Dask's serializer)."""
+
+    @property
+    def key(self) -> str:
+        """A stable identifier of the model, its weights and preprocessing (it names the model plugin on workers)."""
+        ...
+
+    def prepare_process(self) -> None:
+        """Set up the framework in this process before anything is built (thread pools: one per Dask worker
+        thread on workers this package starts). Called once per worker."""
+        ...
+
+    def backend(self, layers: Layers, dtype: Dtype = "float32") -> ModelBackend:
+        """Build the model in this process, for the chosen layers, giving activations in ``dtype``."""
+        ...
+
+
+class SpecFactory(Protocol):
+    """A framework's ``make_spec``: the user's model arguments, validated, as a :class:`ModelSpec`."""
+
+    def __call__(self, model: Any, *, weights: Any, seed: int, preprocess: Callable[[np.ndarray], np.ndarray] | None
+                 ) -> ModelSpec: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Framework:
+    """One backend module's declaration (its module-level ``FRAMEWORK``), found by :func:`frameworks`.
+
+    Attributes
+    ----------
+    name
+        The framework, e.g. ``"keras"``.
+    names_from
+        Where its model names come from, for messages: ``"keras.applications"``.
+    model_class
+        The model objects it takes, for messages: ``"a keras.Model"``.
+    model_names
+        The model names it builds (lower case).
+    handles
+        Whether a ``model`` argument is this framework's; must not import the framework to say no.
+    make_spec
+        Validates the model arguments and returns the :class:`ModelSpec`.
+    worker_env
+        Environment variables for the worker processes this package starts (thread pools, log levels).
+    """
+
+    name: str
+    names_from: str
+    model_class: str
+    model_names: tuple[str, ...]
+    handles: Callable[[Any], bool]
+    make_spec: SpecFactory
+    worker_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def accepts(self) -> str:
+        """What ``model=`` this framework takes, for messages."""
+        return f"a {self.names_from} name or {self.model_class}"
+
+
+@functools.cache
+def frameworks() -> tuple[Framework, ...]:
+    """Every backend module of this package that declares a ``FRAMEWORK``, by name (imported, not its framework)."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        framework = getattr(module, "FRAMEWORK", None)
+        if isinstance(framework, Framework):
+            found.append(framework)
+    return tuple(sorted(found, key=lambda f: f.name))
+
+
+def model_names() -> list[str]:
+    """Every model name some backend can build (``model="vgg16"``), sorted."""
+    return sorted({name for framework in frameworks() for name in framework.model_names})
+
+
+def worker_env() -> dict[str, str]:
+    """The environment every backend asks for in the worker processes this package starts."""
+    return {key: value for framework in frameworks() for key, value in framework.worker_env.items()}
+
+
+def model_spec(model: Any, *, weights: Any = "imagenet", seed: int = 0,
+               preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> ModelSpec:
+    """The :class:`ModelSpec` of ``model`` (a model name, or a framework's model object), by the first backend that
+    handles it; the backend validates ``weights``, ``seed`` and ``preprocess``.
+
+    Raises
+    ------
+    ChoiceError
+        ``model`` is a name that no backend knows (the message lists the known names).
+    ParameterTypeError
+        ``model`` is neither a name nor a model object of an available framework.
+    """
+    for framework in frameworks():
+        if framework.handles(model):
+            return framework.make_spec(model, weights=weights, seed=seed, preprocess=preprocess)
+    available = frameworks()
+    if isinstance(model, str):
+        raise ChoiceError(f"model={model!r} is not a known {' or '.join(f.names_from for f in available)} model; "
+                          f"choose one of {model_names()} or pass {' or '.join(f.model_class for f in available)} "
+                          "(with preprocess=...)")
+    raise ParameterTypeError(f"model must be {' or '.join(f.accepts for f in available)}, got "
+                             f"{type(model).__name__}")
+
+
+def check_layer_selection(layers: Any) -> LayerSelection:
+    """``layers=`` as None, a preset name or a tuple of layer names, checked before any model is built (which names
+    a model has, each backend checks when it resolves them)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        return check_choice("layers", layers, LAYER_PRESETS, message=f"layers={layers!r}: a preset must be one of "
+                            f"{LAYER_PRESETS}; or pass a list of names")
+    if not (isinstance(layers, Sequence) and all(isinstance(name, str) for name in layers)):
+        raise ParameterTypeError(f"layers must be None (every layer but reshapes), 'seed' or a list of layer names, "
+                                 f"got {type(layers).__name__}: {layers!r}")
+    if not layers:
+        raise ParameterValueError("layers=[] selects nothing; pass None for the default list")
+    return tuple(layers)
+
+
+def package_version(distribution: str) -> str:
+    """The installed version of a distribution (``"not installed"`` if it is not), for the provenance."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def callable_name(fn: Callable[..., Any] | None) -> str:
+    """A stable name of a preprocessing function for the provenance (the same in every process and run)."""
+    if fn is None:
+        return "none"
+    if not hasattr(fn, "__qualname__"):  # a callable instance: its class (repr would hold a memory address)
+        fn = type(fn)
+    return f"{getattr(fn, '__module__', '?')}.{fn.__qualname__}"

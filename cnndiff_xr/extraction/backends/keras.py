@@ -1,9 +1,11 @@
-"""Keras models: the registry of ``keras.applications`` names, weights, layer presets and the layer extractor.
+"""The Keras backend: the registry of ``keras.applications`` names, weights, layer presets and the layer extractor.
 
-Keras/TensorFlow are imported inside functions only, so that ``import cnndiff_xr`` and the analysis side never pay
-for them. A :class:`ModelSpec` is the small, picklable description of a model that travels to Dask workers; each
-worker turns it into a :class:`LayerExtractor` once (see :mod:`cnndiff_xr.cluster`) — Keras models themselves are
-never shipped through Dask's serializer (distributed's Keras serializer is broken on Keras 3).
+The only module of the package that imports Keras or TensorFlow, and only inside functions, so that
+``import cnndiff_xr`` and the analysis side never pay for them. A :class:`KerasModelSpec` (the
+:class:`~cnndiff_xr.extraction.backends.ModelSpec` of this backend) is the small, picklable description of a model
+that travels to Dask workers; each worker turns it into a :class:`LayerExtractor` (the
+:class:`~cnndiff_xr.extraction.backends.ModelBackend`) once (see :mod:`cnndiff_xr.extraction.cluster`) -- Keras models
+themselves are never shipped through Dask's serializer (distributed's Keras serializer is broken on Keras 3).
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-#: The stable group name of the model input, whatever Keras called the input layer in this process
-#: (Keras 3 auto-names inputs ``input_layer``, ``input_layer_1``, ... per process).
-INPUT_LAYER = "input_layer"
+from ...options import Dtype
+from ...schema import INPUT_LAYER
+from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, UnknownLabelError, check_int
+from . import Framework, Layers, callable_name, check_layer_selection, package_version
 
 #: name -> (module under keras.applications, constructor)
 APPLICATIONS: dict[str, tuple[str, str]] = {
@@ -35,8 +40,6 @@ APPLICATIONS: dict[str, tuple[str, str]] = {
     "xception": ("xception", "Xception"),
     "efficientnet_b0": ("efficientnet", "EfficientNetB0"),
 }
-
-LAYER_PRESETS = ("seed",)
 
 # Layers whose output is only a re-arrangement of their input (or the identity at inference): left out of the
 # default layer list because they duplicate another layer's numbers.
@@ -55,21 +58,25 @@ class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the Keras cache nor downloadable (e.g. an offline machine)."""
 
 
-def _keras():
+def _keras() -> Any:
     import keras
 
     return keras
 
 
-def _sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _is_keras_object(model: Any) -> bool:
+    """Whether ``model`` is an instance of a Keras class, told from its class's module (without importing Keras)."""
+    return any(getattr(cls, "__module__", "").split(".")[0] == "keras" for cls in type(model).__mro__)
 
 
-def weights_digest(model) -> str:
+def handles(model: Any) -> bool:
+    """Whether ``model`` is this backend's: a ``keras.applications`` name (any case) or a Keras model."""
+    if isinstance(model, str):
+        return model.lower() in APPLICATIONS
+    return _is_keras_object(model)
+
+
+def weights_digest(model: Any) -> str:
     """sha256 over every weight array of ``model`` (shape, dtype and bytes): the identity of the weights a store was
     made with, whatever file or seed they came from."""
     digest = hashlib.sha256()
@@ -86,29 +93,32 @@ def keras_cache_dir() -> Path:
     return Path(home) / "models"
 
 
-def _application(name: str):
+def _check_name(name: str) -> str:
     if name not in APPLICATIONS:
-        raise ValueError(
+        raise ChoiceError(
             f"model={name!r} is not a known keras.applications model; choose one of {sorted(APPLICATIONS)} "
             "or pass a keras.Model (with preprocess=...)"
         )
-    module_name, constructor = APPLICATIONS[name]
+    return name
+
+
+def _application(name: str) -> tuple[ModuleType, Any]:
+    module_name, constructor = APPLICATIONS[_check_name(name)]
     module = importlib.import_module(f"keras.applications.{module_name}")
     return module, getattr(module, constructor)
 
 
 def preprocess_name(name: str) -> str:
+    """The name of a ``keras.applications`` model's preprocessing function, as the provenance records it."""
     return f"keras.applications.{APPLICATIONS[name][0]}.preprocess_input"
 
 
 CLASS_INDEX_URL = "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
 
 
-def load_imagenet_class_labels(download: bool = False) -> list[str] | None:
+def load_imagenet_class_labels(*, download: bool = False) -> list[str] | None:
     """The 1000 ImageNet class labels (what ``decode_predictions`` uses) from the Keras cache; with ``download``,
     fetched into the cache first when missing. None when they cannot be had (offline): labels are then left empty."""
-    import json
-
     index_file = keras_cache_dir() / "imagenet_class_index.json"
     if not index_file.is_file() and download:
         try:
@@ -123,8 +133,8 @@ def load_imagenet_class_labels(download: bool = False) -> list[str] | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to rebuild the same model: small and picklable.
+class KerasModelSpec:
+    """Everything a worker needs to rebuild the same model: small and picklable (the backend's ``ModelSpec``).
 
     Either ``name`` (a keras.applications model) with ``weights`` ("imagenet", None = random, or a file path) and
     ``seed``, or ``model_bytes`` (a user's model saved in the ``.keras`` format) with ``preprocess``.
@@ -149,7 +159,32 @@ class ModelSpec:
             digest.update(cloudpickle.dumps(self.preprocess))
         return digest.hexdigest()[:16]
 
-    def build(self):
+    @property
+    def model_label(self) -> str:
+        return self.name or self.label
+
+    @property
+    def weights_label(self) -> str:
+        if self.model_bytes is not None:
+            return "custom"
+        if self.weights is None:
+            return f"random(seed={self.seed})"
+        return self.weights
+
+    @property
+    def preprocessing(self) -> str:
+        return preprocess_name(self.name) if self.name else callable_name(self.preprocess)
+
+    def prepare_process(self) -> None:
+        # Workers this package starts get one TF thread each (FRAMEWORK.worker_env); a user's own workers keep their
+        # settings
+        if "TF_NUM_INTRAOP_THREADS" in os.environ:
+            set_tf_threads(int(os.environ["TF_NUM_INTRAOP_THREADS"]), int(os.environ.get("TF_NUM_INTEROP_THREADS", 1)))
+
+    def backend(self, layers: Layers, dtype: Dtype = "float32") -> LayerExtractor:
+        return LayerExtractor(self, layers, dtype=dtype)
+
+    def build(self) -> Any:
         """Build the Keras model described by this spec (in the calling process)."""
         keras = _keras()
         if self.model_bytes is not None:
@@ -158,6 +193,7 @@ class ModelSpec:
                 with open(path, "wb") as fh:
                     fh.write(self.model_bytes)
                 return keras.models.load_model(path, compile=False)
+        assert self.name is not None  # a spec holds a name or model bytes
         _, constructor = _application(self.name)
         if self.weights is None:
             # Keras initialisers draw from the global seed: the same seed builds the same weights in every process.
@@ -190,89 +226,95 @@ class ModelSpec:
     def preprocess_function(self) -> Callable[[np.ndarray], np.ndarray]:
         if self.preprocess is not None:
             return self.preprocess
+        assert self.name is not None  # a spec holds a name or a preprocessing function
         module, _ = _application(self.name)
         return module.preprocess_input
 
 
 def make_spec(
     model: Any,
-    weights: str | os.PathLike | None = "imagenet",
+    *,
+    weights: str | os.PathLike[str] | None = "imagenet",
     seed: int = 0,
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> ModelSpec:
-    """Validate the user's model arguments and turn them into a :class:`ModelSpec`.
+) -> KerasModelSpec:
+    """Validate the user's model arguments and turn them into a :class:`KerasModelSpec`.
 
     ``model`` is a keras.applications name (see :data:`APPLICATIONS`) or a ``keras.Model``; a ``keras.Model`` needs
     ``preprocess``, a function from a float32 batch of RGB pixels in 0..255 (B, H, W, 3) to the model's input.
     """
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = check_int("seed", seed, 0)
     if isinstance(model, str):
-        name = model.lower()
-        _application(name)  # validates the name
+        name = _check_name(model.lower())
         if preprocess is not None:
-            raise ValueError("preprocess= is only for a keras.Model; named models use their own preprocess_input")
-        if weights is not None and weights != "imagenet":
-            weights = os.path.abspath(os.fspath(weights))
-            if not os.path.isfile(weights):
-                raise FileNotFoundError(f"weights file {weights!r} does not exist (weights= takes 'imagenet', None "
-                                        "for random weights, or a path to a weights file)")
-        return ModelSpec(name=name, weights=weights, seed=int(seed))
-    keras = _keras()
-    if isinstance(model, keras.Model):
+            raise ParameterValueError("preprocess= is only for a keras.Model; named models use their own "
+                                      "preprocess_input")
+        if weights is None or weights == "imagenet":
+            return KerasModelSpec(name=name, weights=weights, seed=seed)
+        path = os.path.abspath(os.fspath(weights))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file {path!r} does not exist (weights= takes 'imagenet', None for "
+                                    "random weights, or a path to a weights file)")
+        return KerasModelSpec(name=name, weights=path, seed=seed)
+    keras = _keras() if _is_keras_object(model) else None
+    if keras is not None and isinstance(model, keras.Model):
         if preprocess is None or not callable(preprocess):
-            raise ValueError("a keras.Model needs preprocess=<function mapping RGB 0..255 float batches to its input>")
+            raise ParameterValueError("a keras.Model needs preprocess=<function mapping RGB 0..255 float batches to "
+                                      "its input>")
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
-            model.save(path)
-            model_bytes = Path(path).read_bytes()
-        return ModelSpec(name=None, weights=None, seed=int(seed), model_bytes=model_bytes, preprocess=preprocess,
-                         label=f"custom:{model.name}")
-    raise TypeError(f"model must be a keras.applications name or a keras.Model, got {type(model).__name__}")
+            file = os.path.join(tmp, "model.keras")
+            model.save(file)
+            model_bytes = Path(file).read_bytes()
+        return KerasModelSpec(name=None, weights=None, seed=seed, model_bytes=model_bytes, preprocess=preprocess,
+                              label=f"custom:{model.name}")
+    raise ParameterTypeError(f"model must be {FRAMEWORK.accepts}, got {type(model).__name__}")
 
 
-def _layer_kind(layer) -> str:
+def _layer_kind(layer: Any) -> str:
     return type(layer).__name__
 
 
-def resolve_layers(model, layers: str | Sequence[str] | None) -> list[str]:
+def resolve_layers(model: Any, layers: Any) -> list[str]:
     """The store names of the layers to extract, in network order.
 
     ``None``: every layer output except pure reshapes and inference-time identities (Flatten, Reshape, Dropout...).
     ``"seed"``: the seed notebook's list (for VGG16 its 21 layers: the input, 13 convolutions, 5 poolings, flatten,
     predictions). A list of names: those layers (the input may be called ``"input_layer"``).
     """
+    layers = check_layer_selection(layers)
     model_layers = list(model.layers)
-    input_name = model_layers[0].name if _layer_kind(model_layers[0]) == "InputLayer" else None
-    store_names = [INPUT_LAYER if layer.name == input_name else layer.name for layer in model_layers]
+    store_names = _store_names(model)
     if layers is None:
-        chosen = [n for n, layer in zip(store_names, model_layers) if _layer_kind(layer) not in _PURE_RESHAPES]
-    elif isinstance(layers, str):
-        if layers != "seed":
-            raise ValueError(f"layers={layers!r}: a preset must be one of {LAYER_PRESETS}; or pass a list of names")
+        chosen = [n for n, layer in zip(store_names, model_layers, strict=True)
+                  if _layer_kind(layer) not in _PURE_RESHAPES]
+    elif isinstance(layers, str):  # the one preset, "seed"
         chosen = [
-            n for i, (n, layer) in enumerate(zip(store_names, model_layers))
+            n for i, (n, layer) in enumerate(zip(store_names, model_layers, strict=True))
             if _layer_kind(layer) in _SEED_LAYER_TYPES or i == len(model_layers) - 1
         ]
     else:
-        requested = [str(n) for n in layers]
-        if not requested:
-            raise ValueError("layers=[] selects nothing; pass None for the default list")
-        aliases = {input_name: INPUT_LAYER} if input_name else {}
-        requested = [aliases.get(n, n) for n in requested]
+        aliases = {model_layers[0].name: INPUT_LAYER} if store_names[0] == INPUT_LAYER else {}
+        requested = [aliases.get(n, n) for n in layers]
         duplicates = sorted({n for n in requested if requested.count(n) > 1})
         if duplicates:
-            raise ValueError(f"layers lists {duplicates} more than once")
+            raise ParameterValueError(f"layers lists {duplicates} more than once")
         unknown = [n for n in requested if n not in store_names]
         if unknown:
-            raise ValueError(f"layers: {unknown} are not layers of model {model.name!r}; it has {store_names}")
+            raise UnknownLabelError(f"layers: {unknown} are not layers of model {model.name!r}; it has {store_names}")
         chosen = [n for n in store_names if n in set(requested)]  # network order
     for name in chosen:
         rank = len(model_layers[store_names.index(name)].output.shape)
         if rank not in (2, 4):
-            raise ValueError(f"layer {name!r} has a rank-{rank} output; only (batch, y, x, filter) and "
-                             "(batch, filter) layers can be stored")
+            raise ParameterValueError(f"layer {name!r} has a rank-{rank} output; only (batch, y, x, filter) and "
+                                      "(batch, filter) layers can be stored")
     return chosen
+
+
+def _store_names(model: Any) -> list[str]:
+    """The store name of each layer of ``model``: its Keras name, but :data:`~cnndiff_xr.schema.INPUT_LAYER` for
+    the input layer (whose Keras name changes from process to process)."""
+    return [INPUT_LAYER if i == 0 and _layer_kind(layer) == "InputLayer" else layer.name
+            for i, layer in enumerate(model.layers)]
 
 
 class LayerExtractor:
@@ -284,21 +326,21 @@ class LayerExtractor:
     ``astype("float16")`` (measured in benchmarks/RESULTS.md), on ~60 MB per VGG16 image.
     """
 
-    def __init__(self, spec: ModelSpec, layers: str | Sequence[str] | None, dtype: str = "float32"):
+    def __init__(self, spec: KerasModelSpec, layers: Layers = None, *, dtype: Dtype = "float32") -> None:
         self.spec = spec
         self.dtype = str(np.dtype(dtype))
         self.model = spec.build()
         if len(self.model.inputs) != 1:
-            raise ValueError(f"model {self.model.name!r} has {len(self.model.inputs)} inputs; one is supported")
+            raise ParameterValueError(f"model {self.model.name!r} has {len(self.model.inputs)} inputs; one is "
+                                      "supported")
         self.layers = resolve_layers(self.model, layers)
         self._preprocess = spec.preprocess_function()
         keras = _keras()
-        by_store_name = {
-            (INPUT_LAYER if i == 0 and _layer_kind(layer) == "InputLayer" else layer.name): layer
-            for i, layer in enumerate(self.model.layers)
-        }
+        store_names = _store_names(self.model)
+        by_store_name = dict(zip(store_names, self.model.layers, strict=True))
+        self.output_layer = store_names[-1]
         self._computed = [n for n in self.layers if n != INPUT_LAYER]
-        self.has_imagenet_head = tuple(self.model.output.shape[1:]) == (1000,) and spec.name is not None
+        self.has_imagenet_head: bool = tuple(self.model.output.shape[1:]) == (1000,) and spec.name is not None
         outputs = [by_store_name[n].output for n in self._computed]
         if self.dtype != "float32":
             outputs = [keras.ops.cast(o, self.dtype) for o in outputs]
@@ -308,8 +350,43 @@ class LayerExtractor:
         self.shapes = {n: tuple(int(d) for d in by_store_name[n].output.shape[1:]) for n in self.layers}
         height, width = self.model.input.shape[1:3]
         if height is None or width is None:
-            raise ValueError(f"model {self.model.name!r} has no fixed input size; build it with input_shape=...")
+            raise ParameterValueError(f"model {self.model.name!r} has no fixed input size; build it with "
+                                      "input_shape=...")
         self.input_size = (int(height), int(width))
+
+    # ---- provenance (the ModelBackend protocol)
+    @property
+    def model_label(self) -> str:
+        return self.spec.model_label
+
+    @property
+    def weights_label(self) -> str:
+        return self.spec.weights_label
+
+    @property
+    def preprocessing(self) -> str:
+        return self.spec.preprocessing
+
+    def weights_digest(self) -> str:
+        return weights_digest(self.model)
+
+    def framework_versions(self) -> dict[str, str]:
+        keras = _keras()
+        tensorflow = package_version("tensorflow")
+        return {
+            "keras_version": keras.__version__,
+            "keras_backend": keras.backend.backend(),
+            "tensorflow_version": package_version("tensorflow-cpu") if tensorflow == "not installed" else tensorflow,
+        }
+
+    def class_labels(self) -> list[str] | None:
+        """The ImageNet class names of a named model's ImageNet head (fetched into the Keras cache with ImageNet
+        weights); None without a head or when they cannot be had (offline)."""
+        if not self.has_imagenet_head:
+            return None
+        return load_imagenet_class_labels(download=self.spec.weights == "imagenet")
+
+    # ---- the forward pass
 
     def preprocess(self, rgb: np.ndarray) -> np.ndarray:
         # a fresh float32 copy: keras' preprocess_input works in place on float arrays
@@ -320,12 +397,10 @@ class LayerExtractor:
         (float32, or None without an ImageNet head)."""
         keras = _keras()
         x = self.preprocess(rgb)
-        outs = self._submodel(x, training=False) if self._submodel is not None else []
-        if not isinstance(outs, (list, tuple)):
-            outs = [outs]
-        outs = [_as_numpy(o, keras) for o in outs]
+        raw = self._submodel(x, training=False) if self._submodel is not None else []
+        outs = [_as_numpy(o, keras) for o in (raw if isinstance(raw, (list, tuple)) else [raw])]
         probabilities = outs.pop() if self.has_imagenet_head else None
-        acts = dict(zip(self._computed, outs))
+        acts = dict(zip(self._computed, outs, strict=True))
         if INPUT_LAYER in self.layers:
             acts[INPUT_LAYER] = x.astype(self.dtype, copy=False)
         return {n: acts[n] for n in self.layers}, probabilities
@@ -365,3 +440,16 @@ def auto_weights(name: str) -> tuple[str | None, str | None]:
         return None, (f"ImageNet weights for {name} are unavailable ({err.__cause__}); using RANDOM weights. The "
                       "numbers below are those of an untrained network, not the seed's.")
     return "imagenet", None
+
+
+FRAMEWORK = Framework(
+    name="keras",
+    names_from="keras.applications",
+    model_class="a keras.Model",
+    model_names=tuple(APPLICATIONS),
+    handles=handles,
+    make_spec=make_spec,
+    # one TF thread per Dask worker thread, so that two workers on two cores do not each start a pool as wide as the
+    # machine and thrash; and TensorFlow's C++ info logs off
+    worker_env={"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+)
