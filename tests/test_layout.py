@@ -68,3 +68,29 @@ def test_the_bottom_layer_imports_nothing_from_the_package(name):
 def test_only_the_keras_backend_imports_keras_or_tensorflow():
     importers = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if _reaches(p, HEAVY)}
     assert importers == {"extraction/backends/keras.py"}
+
+
+def _functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}", node))
+    return found
+
+
+def test_no_function_takes_more_than_eight_positional_parameters():
+    # parameters that can be passed by position are where a reordering gives wrong numbers with no error;
+    # options are keyword-only, payloads between graph tasks are frozen dataclasses
+    too_many, star_after = [], []
+    for where, node in _functions():
+        positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+        if len(positional) > 8:
+            too_many.append(f"{where} ({len(positional)})")
+        if node.args.vararg is not None and len(positional) > 4:
+            star_after.append(f"{where} (*{node.args.vararg.arg} after {len(positional)})")
+    assert not too_many and not star_after, too_many + star_after
+
+
+def test_the_package_functions_are_found():
+    assert len(_functions()) > 300  # the check above looks at the real package
