@@ -8,14 +8,16 @@
                       data   COMPLETED (image) bool -- set per batch, only after that batch's activations
     /<layer>          ACTIVATION (image, y, x, filter) or (image, filter); coords FILTER_DIM, Y_DIM, X_DIM,
                       LABEL_COORD (class labels of an ImageNet head) and, repeated because xarray inherits only
-                      indexed coordinates, the image coordinates SET_COORD, SOURCE_COORD, PREDICTION_COORDS
+                      indexed coordinates, the image coordinates SET_COORD, SOURCE_COORD, PREDICTION_COORDS;
+                      a float16 ACTIVATION carries FLOAT16_DECODING (see there) and no CF_FILL_VALUE attribute
 
 The module imports nothing from the package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 FORMAT = "cnndiff_xr/1"
 
@@ -42,6 +44,18 @@ PREDICTION_COORDS = (PREDICTED_CLASS, PREDICTED_LABEL, PREDICTED_PROBABILITY)
 # ---- variables
 ACTIVATION = "activation"
 COMPLETED = "completed"
+
+# ---- CF attributes of the activations, as plain xarray reads them
+CF_SCALE_FACTOR = "scale_factor"
+CF_ADD_OFFSET = "add_offset"
+CF_FILL_VALUE = "_FillValue"
+#: The attributes of a float16 activation that make plain ``xr.open_datatree(store, engine="zarr")`` decode it to
+#: float32 (half precision is for storage: xarray's and dask's sums accumulate in the array's dtype, and a float16 sum
+#: of a layer overflows), with values unchanged: xarray's CF scale decoder runs when a ``scale_factor`` attribute is
+#: present and, when its value is null (and no ``_FillValue`` attribute is present), casts float16 to float32 and
+#: scales by nothing. A numeric scale factor would decode to float64 (JSON numbers read back as Python floats), a
+#: ``_FillValue`` attribute would keep float16. cnndiff_xr's own reader reads the stored float16 undecoded.
+FLOAT16_DECODING: Mapping[str, None] = MappingProxyType({CF_SCALE_FACTOR: None})
 
 #: The stable group name of the model input, whatever the framework called its input layer in this process
 #: (Keras 3 auto-names inputs ``input_layer``, ``input_layer_1``, ... per process).

@@ -31,8 +31,12 @@ import xarray as xr
 from ..options import COMPRESSIONS, DTYPES, OPEN_MODES, Compression, Dtype, OpenMode
 from ..schema import (
     ACTIVATION,
+    CF_ADD_OFFSET,
+    CF_FILL_VALUE,
+    CF_SCALE_FACTOR,
     COMPLETED,
     FILTER_DIM,
+    FLOAT16_DECODING,
     FORMAT,
     FORMAT_ATTR,
     IMAGE_COORDS,
@@ -257,6 +261,13 @@ def build_layout(
         ds[ACTIVATION].attrs.update(layer=name, units=ACTIVATION)  # arbitrary units: the layer's own output
         groups[f"/{name}"] = ds
         encoding[f"/{name}"] = {ACTIVATION: {"chunks": chunks, "compressors": compressors}}
+        if np.dtype(dtype) == np.float16:
+            # Plain xarray decodes these attributes to float32 with the values unchanged (schema.FLOAT16_DECODING), so
+            # that its reductions do not accumulate, and overflow, in float16. No _FillValue attribute: with one,
+            # xarray keeps float16 (Zarr's own fill value stays NaN). The batches write the raw float16 values, which
+            # are the decoded values: there is no scale to apply.
+            ds[ACTIVATION].attrs.update(FLOAT16_DECODING)
+            encoding[f"/{name}"][ACTIVATION][CF_FILL_VALUE] = None
     return xr.DataTree.from_dict(groups), encoding
 
 
@@ -407,12 +418,41 @@ def check_compatible(url: str, stored: Mapping[str, Any], *, identity: Mapping[s
             )
 
 
+def _is_nan(value: Any) -> bool:
+    try:
+        return bool(np.isnan(np.asarray(value, dtype=np.float64)).all())
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_stored(activation: xr.Variable, url: str) -> xr.Variable:
+    """An activation read undecoded, its CF attributes moved to its encoding as xarray's decoding would move them.
+
+    The CF attributes that cnndiff_xr writes are identities -- a NaN ``_FillValue`` (masking NaN with NaN changes
+    nothing; float32 activations, and float16 ones written before :data:`~cnndiff_xr.schema.FLOAT16_DECODING`, carry
+    it) and a null ``scale_factor`` (float16 activations) -- so the stored values are the decoded values, bit for
+    bit: nothing is scaled twice, or not at all. Any other packing was not written by cnndiff_xr and is refused
+    rather than read unscaled.
+    """
+    attrs, encoding = dict(activation.attrs), dict(activation.encoding)
+    packing = {key: attrs.pop(key) for key in (CF_SCALE_FACTOR, CF_ADD_OFFSET, CF_FILL_VALUE) if key in attrs}
+    scale, offset = packing.get(CF_SCALE_FACTOR), packing.get(CF_ADD_OFFSET)
+    fill = packing.get(CF_FILL_VALUE)
+    if scale not in (None, 1) or offset not in (None, 0) or (fill is not None and not _is_nan(fill)):
+        raise StoreError(f"store {url!r}: the activation of layer {attrs.get('layer', '?')!r} carries CF packing "
+                         f"attributes {packing!r} that cnndiff_xr does not write (it writes no scale, no offset and "
+                         "NaN as the fill value); re-extract it with cnndiff_xr, or open it with xarray directly")
+    encoding.update({key: value for key, value in packing.items() if value is not None})
+    return xr.Variable(activation.dims, activation.data, attrs, encoding, fastpath=True)
+
+
 def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = None) -> xr.DataTree:
     """Open a cnndiff store lazily and **read-only** as an :class:`xarray.DataTree`.
 
     Activations stay dask arrays over Zarr arrays opened with mode ``"r"`` (writing to them raises). The small image
     coordinates (set, source, predictions, labels) and the completion record are loaded into memory, in this process,
-    so that ``activation.where(activation.set == "cats", drop=True)`` and ``.sel`` by set just work.
+    so that ``activation.where(activation.set == "cats", drop=True)`` and ``.sel`` by set just work. Activations keep
+    the stored dtype (float16 stays float16; plain ``xr.open_datatree`` decodes a float16 store to float32).
 
     Parameters
     ----------
@@ -429,8 +469,10 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
     url, storage_options = check_url(url), check_storage_options(storage_options)
     attrs = read_attrs(url, storage_options=storage_options)
     with _quiet_zarr():
+        # The activations undecoded: a float16 store stays float16 here (half the bytes to read and move, and the
+        # analysis' float16 paths), where plain xarray decodes it to float32 (schema.FLOAT16_DECODING)
         tree = xr.open_datatree(url, engine="zarr", chunks={}, consolidated=True, mode="r",
-                                storage_options=storage_options or None)
+                                mask_and_scale={ACTIVATION: False}, storage_options=storage_options or None)
     image_coords = (*IMAGE_COORDS, *PREDICTION_COORDS, LABEL_COORD)
 
     def load(var: xr.DataArray) -> xr.DataArray:
@@ -455,6 +497,8 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
             ds = ds.assign_coords({IMAGE_DIM: as_unicode(ds.coords[IMAGE_DIM])})
         if COMPLETED in ds.data_vars:  # one bool per image: the completion record, checked by the analysis
             ds[COMPLETED] = load(ds[COMPLETED])
+        if ACTIVATION in ds.data_vars:
+            ds = ds.assign({ACTIVATION: _as_stored(ds[ACTIVATION].variable, url)})
         return ds
 
     tree = tree.map_over_datasets(load_small)
