@@ -4,11 +4,23 @@ prediction-layer heatmap, RDMs and stimulus-vs-layer R² by depth.
 Every function takes the package's xarray results (computed or lazy: they are computed here, the figures need the
 numbers) and an optional matplotlib Axes (or a Figure for multi-panel plots), and returns the Figure and Axes.
 Layer names are the x ticks, rotated as in the seed's plots. :func:`save` writes PNG and SVG.
+
+Conventions every figure keeps, so that figures can be read side by side:
+
+- **one colour per set**: :func:`set_colours` maps set names to colours from the sorted names; a figure uses the
+  mapping it is given (``colours=``) or that of its own data's sets, and the figure-set functions
+  (:func:`write_result_figures`, :func:`write_store_figures`) compute it once and pass it to every figure they draw;
+- **labelled colour scales**: every heatmap has one colour scale for all its panels and a colourbar that says the
+  quantity and how the scale was chosen (robust percentiles of the data, stated in the label);
+- **units named as what they are**: "filter" in convolutional layers, "channel" in the input, "unit" in dense
+  layers, "class" in the prediction layer (:func:`layer_unit_name`);
+- **intervals say what they are over**: the shaded bands are the spread over unit redraws (resamples of the sampled
+  units), not over images, and the legend says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,15 +28,40 @@ import numpy as np
 import xarray as xr
 
 from . import schema
+from .analysis.metrics import DISTANCES
 from .analysis.results import normalise_by_reference, resample_summary
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is made, not with the package
     from types import ModuleType
 
     from matplotlib.axes import Axes
+    from matplotlib.colorbar import Colorbar
     from matplotlib.figure import Figure, SubFigure
+    from matplotlib.image import AxesImage
 
 LINESTYLES = ("--", "-", ":", "-.")
+
+#: matplotlib's "tab10" colours, then "Dark2": the set colours (:func:`set_colours`), cycled past 18 sets
+SET_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+
+#: the percentile of the data that sets the heatmaps' colour limits (the rest saturates, shown by the colourbar's
+#: arrows): one extreme filter should not wash out every other one
+ROBUST_PERCENTILE = 99.0
+
+#: R² across sets is a regression on one point per set: under this many sets a figure says it means little
+MIN_SETS_FOR_R2 = 4
+
+#: at most this many image labels on a heatmap panel's axis; more get index ticks
+MAX_IMAGE_LABELS = 30
+
+#: the words for a layer's units (:func:`layer_unit_name`) and for the heatmaps' values and titles
+_UNIT_WORDS = {
+    "filter": ("filter mean", "Filter means (mean over y, x)"),
+    "channel": ("channel mean", "Channel means (mean over y, x)"),
+    "unit": ("activation", "Unit activations"),
+    "class": ("activation", "Class activations"),
+}
 
 
 def _pyplot() -> ModuleType:
@@ -47,22 +84,87 @@ def _layer_ticks(ax: Axes, layers: Sequence[str]) -> None:
     ax.set_xlim(-0.5, len(layers) - 0.5)
 
 
+def _integer_ticks(axis: Any, nbins: int | None = None) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(nbins=nbins if nbins is not None else "auto", integer=True))
+
+
+def _ordinal(value: float) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``11th``, ``99th``, ``2.5th``."""
+    if not float(value).is_integer():
+        return f"{value:g}th"
+    n = int(value)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def _with_suffix(title: str, suffix: str | None) -> str:
     return f"{title}\n{suffix}" if suffix else title
 
 
-def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str) -> None:
-    """One line per set (colour) and n_units (line style), with the resample interval as a band."""
+# ------------------------------------------------------------------------------------------------ set colours
+def set_colours(sets: Iterable[Any]) -> dict[str, str]:
+    """One colour per set name, from the sorted names.
+
+    The mapping depends only on which names are given, not on their order nor on which of them a figure shows: the
+    figures of one analysis (the differentiation lines, the noise-normalised lines without the reference, the
+    heatmap and RDM set labels) draw each set in the same colour when they are given this mapping of all its sets.
+
+    Parameters
+    ----------
+    sets
+        Set names (repeats allowed, e.g. a ``set`` coordinate along ``image``).
+
+    Returns
+    -------
+    dict
+        ``{set name: colour}`` (hex strings from :data:`SET_PALETTE`, cycled past its length).
+    """
+    names = sorted({str(s) for s in (sets.ravel() if isinstance(sets, np.ndarray) else sets)})
+    return {name: SET_PALETTE[i % len(SET_PALETTE)] for i, name in enumerate(names)}
+
+
+def _colours_for(names: Iterable[Any], colours: Mapping[str, str] | None) -> dict[str, str]:
+    """``colours`` when given (it must cover ``names``), else :func:`set_colours` of ``names``."""
+    names = [str(n) for n in names]
+    if colours is None:
+        return set_colours(names)
+    missing = [n for n in names if n not in colours]
+    if missing:
+        raise ValueError(f"colours has no colour for sets {missing}; pass colours=plot.set_colours(<all set names>)")
+    return dict(colours)
+
+
+# ------------------------------------------------------------------------------------------------ line figures
+def _distance_words(attrs: Mapping[Any, Any]) -> str:
+    """``"median pairwise euclidean distance / √m, norm=layer"`` from a result's attributes."""
+    if attrs.get("metric") is None:
+        return "median distance per unit"
+    return f"{attrs.get('reduction', 'median')} pairwise {_distance_label(attrs)}, norm={attrs.get('norm')}"
+
+
+def _distance_label(attrs: Mapping[Any, Any]) -> str:
+    """The distance named in a result's attributes, as its spec names it (``"euclidean distance / √m"``)."""
+    spec = DISTANCES.get((attrs.get("norm"), attrs.get("metric")))  # type: ignore[arg-type]  # any attrs
+    return spec.label if spec is not None else f"{attrs.get('metric')} distance"
+
+
+def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str, colours: Mapping[str, str], *,
+                reference: str | None = None) -> None:
+    """One line per set (its colour) and n_units (line style), the resample interval as a band (said in the
+    legend: it is the spread over unit redraws, not over images); ``reference``: a grey line at 1 for that set."""
+    from matplotlib.patches import Patch
+
     d = d.compute()
     layers = [str(v) for v in d["layer"].values]
     x = np.arange(len(layers))
-    has_resamples = "resample" in d.dims and d.sizes["resample"] > 1
-    summary = resample_summary(d, interval=interval) if has_resamples else None
+    n_resamples = d.sizes["resample"] if "resample" in d.dims else 1
+    summary = resample_summary(d, interval=interval) if n_resamples > 1 else None
     centre = summary["mean"] if summary is not None else (d.mean("resample") if "resample" in d.dims else d)
     n_units_values = list(d["n_units"].values) if "n_units" in d.dims else [None]
-    colours = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
-    for s, set_name in enumerate(d["set"].values):
-        colour = colours[s % len(colours)]
+    for set_name in d["set"].values:
+        colour = colours[str(set_name)]
         for k, n in enumerate(n_units_values):
             pick = {"set": set_name, **({"n_units": n} if n is not None else {})}
             label = f"{set_name}" + (f", {n} units" if n is not None else "")
@@ -71,114 +173,56 @@ def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str) -> None
             if summary is not None:
                 ax.fill_between(x, summary["lower"].sel(pick).values, summary["upper"].sel(pick).values,
                                 color=colour, alpha=0.15, linewidth=0)
+    if reference is not None:
+        ax.axhline(1.0, color="grey", linewidth=0.8, label=f"{reference} (the reference: 1)")
     _layer_ticks(ax, layers)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.4)
-    ax.legend(fontsize=7, ncol=2)
+    handles, _ = ax.get_legend_handles_labels()
+    if summary is not None:
+        low, high = 50 * (1 - interval), 50 * (1 + interval)
+        handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0,
+                             label=f"band: {low:g}–{_ordinal(high)} percentile over\n{n_resamples} unit redraws "
+                                   "(resamples of the\nsampled units), not over images"))
+        legend_title = f"set, units drawn\n(line: mean of {n_resamples} redraws)"
+    else:
+        legend_title = "set, units drawn" + ("\n(one draw: no interval)" if n_units_values != [None] else "")
+    ax.legend(handles=handles, fontsize=7, title=legend_title, title_fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def differentiation_by_layer(d: xr.DataArray, ax: Axes | None = None, *, interval: float = 0.95,
-                             title: str | None = None, note: str | None = None) -> tuple[Figure | SubFigure, Axes]:
+                             title: str | None = None, note: str | None = None,
+                             colours: Mapping[str, str] | None = None) -> tuple[Figure | SubFigure, Axes]:
     """Differentiation by layer: a line per set, a line style per ``n_units``, a band for the resample interval.
 
-    ``d`` is :func:`cnndiff_xr.differentiation` output (dims set, layer, n_units, resample).
+    ``d`` is :func:`cnndiff_xr.differentiation` output (dims set, layer, n_units, resample). ``colours``: the set
+    colours (default :func:`set_colours` of ``d``'s sets).
     """
-    fig, ax = _axes(ax, (12, 4.5))
-    _line_panel(ax, d, interval, "differentiation (median distance per unit)")
+    fig, ax = _axes(ax, (13, 4.5))
+    _line_panel(ax, d, interval, f"differentiation\n({_distance_words(d.attrs)})",
+                _colours_for(d["set"].values, colours))
     ax.set_title(_with_suffix(title or "Differentiation by layer", note))
     return fig, ax
 
 
 def normalised_differentiation(d: xr.DataArray, reference: str = "white_noise", ax: Axes | None = None, *,
-                               interval: float = 0.95, title: str | None = None,
-                               note: str | None = None) -> tuple[Figure | SubFigure, Axes]:
-    """Differentiation divided by the reference set's (per layer and draw), the seed's "normalised by noise"."""
-    fig, ax = _axes(ax, (12, 4.5))
+                               interval: float = 0.95, title: str | None = None, note: str | None = None,
+                               colours: Mapping[str, str] | None = None) -> tuple[Figure | SubFigure, Axes]:
+    """Differentiation divided by the reference set's (per layer and draw), the seed's "normalised by noise".
+
+    The reference set (all ones) is left out and drawn as the grey line at 1; the other sets keep the colours they
+    have in :func:`differentiation_by_layer` (``colours`` default: :func:`set_colours` of all of ``d``'s sets,
+    the reference included). The y axis starts at 0: a ratio is read against 0 and 1.
+    """
+    fig, ax = _axes(ax, (13, 4.5))
+    palette = _colours_for(d["set"].values, colours)
     ratio = normalise_by_reference(d.compute(), reference=reference, drop=True)
-    _line_panel(ax, ratio, interval, f"differentiation / {reference}")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
+    _line_panel(ax, ratio, interval, f"differentiation / {reference}'s\n(ratio per layer and unit draw)", palette,
+                reference=reference)
+    ax.set_ylim(bottom=0.0)
     ax.set_title(_with_suffix(title or f"Differentiation normalised by {reference}", note))
     return fig, ax
-
-
-def _sets_of(da_: xr.DataArray, sets: Sequence[str] | None) -> list[str]:
-    present = list(dict.fromkeys(str(s) for s in da_["set"].values))
-    return present if sets is None else [s for s in sets if s in present]
-
-
-def filter_mean_heatmap(fm: xr.DataArray, fig: Figure | None = None, *, sets: Sequence[str] | None = None,
-                        vmin: float = -1, vmax: float = 1, title: str | None = None,
-                        note: str | None = None) -> tuple[Figure, np.ndarray]:
-    """Filter means of one layer as heatmaps (image x filter), one panel per set (the seed's figure).
-
-    ``fm`` is one layer of :func:`cnndiff_xr.filter_means` (dims image, filter; coordinate ``set``).
-    """
-    plt = _pyplot()
-    fm = fm.compute()
-    names = _sets_of(fm, sets)
-    if fig is None:
-        fig = plt.figure(figsize=(5 * len(names) + 1, 3), layout="constrained")
-    axes = fig.subplots(1, len(names), squeeze=False)[0]
-    image = None
-    for ax, name in zip(axes, names, strict=True):
-        part = fm.isel(image=np.asarray(fm["set"].values == name))
-        image = ax.imshow(part.values, aspect="auto", interpolation="nearest", vmin=vmin, vmax=vmax,
-                          cmap="viridis")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("filter")
-        ax.set_ylabel("image")
-    if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.8)
-    layer = fm.attrs.get("layer") or fm.name or ""
-    fig.suptitle(_with_suffix(title or f"Filter means, layer {layer}", note), fontsize=10)
-    return fig, axes
-
-
-def prediction_heatmap(predictions: xr.DataArray, fig: Figure | None = None, *, sets: Sequence[str] | None = None,
-                       title: str | None = None, note: str | None = None) -> tuple[Figure, np.ndarray]:
-    """The prediction layer's activations (image x class), one panel per set (the seed's first figure)."""
-    plt = _pyplot()
-    predictions = predictions.compute()
-    names = _sets_of(predictions, sets)
-    if fig is None:
-        fig = plt.figure(figsize=(14, 1.2 + 1.3 * len(names)), layout="constrained")
-    axes = fig.subplots(len(names), 1, squeeze=False)[:, 0]
-    for ax, name in zip(axes, names, strict=True):
-        part = predictions.isel(image=np.asarray(predictions["set"].values == name))
-        ax.imshow(part.values, aspect="auto", interpolation="nearest", vmin=0, vmax=max(float(part.max()), 1e-9))
-        ax.set_ylabel(name, fontsize=8)
-        ax.set_yticks([])
-    axes[-1].set_xlabel("class (filter)")
-    fig.suptitle(_with_suffix(title or "Activations in the prediction layer", note), fontsize=10)
-    return fig, axes
-
-
-def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig: Figure | None = None, *, ncols: int = 6,
-               title: str | None = None, note: str | None = None) -> tuple[Figure, np.ndarray]:
-    """RDMs (image x image) per layer, one panel each, sharing one colour scale."""
-    plt = _pyplot()
-    if isinstance(rdms, xr.DataArray):
-        rdms = {str(rdms.attrs.get("layer", rdms.name or "rdm")): rdms}
-    rdms = {k: v.compute() for k, v in rdms.items()}
-    n = len(rdms)
-    cols = min(ncols, n)
-    rows = int(np.ceil(n / cols))
-    if fig is None:
-        fig = plt.figure(figsize=(2.4 * cols + 1, 2.4 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    vmax = max(float(np.nanmax(v.values)) for v in rdms.values()) if rdms else 1.0
-    image = None
-    for ax, (layer, values) in zip(axes, rdms.items(), strict=False):  # the grid may have spare panels
-        image = ax.imshow(values.values, vmin=0, vmax=vmax, cmap="magma", interpolation="nearest")
-        ax.set_title(layer, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    if image is not None:
-        fig.colorbar(image, ax=list(axes[:n]), shrink=0.8)
-    fig.suptitle(_with_suffix(title or "RDMs by layer", note), fontsize=10)
-    return fig, axes[:n]
 
 
 def r2_by_depth(regression: xr.Dataset, ax: Axes | None = None, *, title: str | None = None,
@@ -186,28 +230,332 @@ def r2_by_depth(regression: xr.Dataset, ax: Axes | None = None, *, title: str | 
     """R² of layer differentiation regressed on input differentiation across sets, by layer depth.
 
     ``regression`` is :func:`cnndiff_xr.differentiation.stimulus_regression` output (``r2`` over layer and
-    possibly n_units / resample: resamples are averaged, one line per n_units).
+    possibly n_units / resample: resamples are averaged, one line per n_units). The title says over how many sets
+    the regression ran; under :data:`MIN_SETS_FOR_R2` sets the figure says in red that the R² values mean little
+    (each is a line fitted through that many points).
     """
     fig, ax = _axes(ax, (12, 4))
     r2 = regression["r2"].compute()
+    n_resamples = r2.sizes["resample"] if "resample" in r2.dims else 1
     if "resample" in r2.dims:
         r2 = r2.mean("resample")
     layers = [str(v) for v in r2["layer"].values]
     x = np.arange(len(layers))
     for k, n in enumerate(r2["n_units"].values if "n_units" in r2.dims else [None]):
         values = r2.sel(n_units=n) if n is not None else r2
-        ax.plot(x, values.values, LINESTYLES[k % len(LINESTYLES)], marker="o",
+        ax.plot(x, values.values, LINESTYLES[k % len(LINESTYLES)], marker="o", color="black",
                 label=f"{n} units" if n is not None else None)
     _layer_ticks(ax, layers)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_ylabel("R² (layer vs input differentiation)")
+    n_points = int(regression.attrs["n"]) if "n" in regression.attrs else None
+    dim = str(regression.attrs.get("dim", "set"))
+    source = regression.attrs.get("input_layer", "the input layer")
+    over = f"{n_points} {dim}s" if n_points is not None else f"the {dim}s"
+    few = n_points is not None and n_points < MIN_SETS_FOR_R2
+    ax.set_ylim(-0.05, 1.35 if few else 1.05)  # room above R² = 1 for the warning
+    ax.set_yticks(np.linspace(0.0, 1.0, 6))
+    ax.set_ylabel(f"R² over {over}\n(layer vs {source} differentiation)")
     ax.grid(True, alpha=0.4)
+    if n_points is not None and few:
+        df = n_points - 2
+        ax.text(0.5, 0.97, f"only {n_points} {dim}s: each R² is a line fitted through {n_points} points "
+                f"({df} residual degree{'' if df == 1 else 's'} of freedom) — nearly meaningless; "
+                f"use ≥ {MIN_SETS_FOR_R2} {dim}s",
+                transform=ax.transAxes, ha="center", va="top", fontsize=9, color="firebrick",
+                bbox={"facecolor": "white", "edgecolor": "firebrick", "alpha": 0.9})
     if "n_units" in r2.dims:
-        ax.legend(fontsize=8)
-    ax.set_title(_with_suffix(title or "Stimulus vs layer differentiation across sets", note))
+        ax.legend(fontsize=8, title="units drawn" + (f" (mean R² of {n_resamples} redraws)" if n_resamples > 1
+                                                     else ""), title_fontsize=8, loc="best")
+    default = (f"Stimulus vs layer differentiation: R² across {over} (one point per {dim}); "
+               f"{source} itself is 1 by construction")
+    ax.set_title(_with_suffix(title or default, note))
     return fig, ax
 
 
+# ------------------------------------------------------------------------------------------------ heatmaps
+def _sets_of(da_: xr.DataArray, sets: Sequence[str] | None) -> list[str]:
+    present = list(dict.fromkeys(str(s) for s in da_["set"].values))
+    return present if sets is None else [s for s in sets if s in present]
+
+
+def layer_unit_name(tree: xr.DataTree, layer: str) -> str:
+    """What a layer's ``filter`` axis counts: ``"channel"`` (the input), ``"filter"`` (a layer with y, x),
+    ``"class"`` (the store's last layer when it is dense: the prediction layer) or ``"unit"`` (another dense layer).
+    """
+    if layer == schema.INPUT_LAYER:
+        return "channel"
+    if tree[layer].dataset[schema.ACTIVATION].dims != (schema.IMAGE_DIM, schema.FILTER_DIM):
+        return "filter"
+    return "class" if layer == str(tree.attrs[schema.LAYERS_ATTR][-1]) else "unit"
+
+
+def _robust_limits(values: np.ndarray, *, symmetric: bool, percentile: float) -> tuple[float, float]:
+    """Colour limits from the data: ±(percentile of |x|) when ``symmetric``, else the (100 - p)th..pth
+    percentiles; never an empty range."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return (-1.0, 1.0) if symmetric else (0.0, 1.0)
+    if symmetric:
+        bound = float(np.percentile(np.abs(finite), percentile))
+        bound = bound if bound > 0 else float(np.max(np.abs(finite))) or 1.0
+        return -bound, bound
+    low, high = (float(v) for v in np.percentile(finite, [100 - percentile, percentile]))
+    if high <= low:
+        low, high = float(finite.min()), float(finite.max())
+        if high <= low:
+            low, high = low - 0.5, high + 0.5
+    return low, high
+
+
+def _extend(values: np.ndarray, low: float, high: float) -> str:
+    """The colourbar's arrows: which ends of the scale some values lie beyond (saturated)."""
+    below, above = bool(np.any(values < low)), bool(np.any(values > high))
+    return {(True, True): "both", (True, False): "min", (False, True): "max"}.get((below, above), "neither")
+
+
+def _image_ticks(ax: Axes, images: np.ndarray, set_name: str, *, max_labels: int = MAX_IMAGE_LABELS) -> None:
+    """Image ids (without the ``set/`` prefix) as y tick labels where they fit, else integer index ticks."""
+    if len(images) <= max_labels:
+        prefix = f"{set_name}/"
+        labels = [str(i)[len(prefix):] if str(i).startswith(prefix) else str(i) for i in images]
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels, fontsize=6 if len(labels) <= 15 else 5)
+        ax.set_ylabel("image", fontsize=8)
+    else:
+        _integer_ticks(ax.yaxis)
+        ax.set_ylabel("image (index in set)", fontsize=8)
+
+
+def _colourbar(fig: Figure | SubFigure, image: AxesImage, axes: Iterable[Axes], label: str, extend: str,
+               **kwargs: Any) -> Colorbar:
+    bar = fig.colorbar(image, ax=list(axes), extend=extend, **kwargs)
+    bar.set_label(label, fontsize=8)
+    return bar
+
+
+def filter_mean_heatmap(fm: xr.DataArray, fig: Figure | None = None, *, sets: Sequence[str] | None = None,
+                        vmin: float | None = None, vmax: float | None = None, title: str | None = None,
+                        note: str | None = None, layer: str | None = None, unit_name: str | None = None,
+                        zscore: bool | None = None, colours: Mapping[str, str] | None = None,
+                        percentile: float = ROBUST_PERCENTILE) -> tuple[Figure, np.ndarray]:
+    """Filter means of one layer as heatmaps (image x filter), one panel per set (the seed's figure).
+
+    Parameters
+    ----------
+    fm
+        One layer of :func:`cnndiff_xr.filter_means` (dims image, filter; coordinate ``set``), e.g.
+        ``filter_means(tree)[layer]["filter_mean"]``.
+    fig
+        A Figure to draw into (default a new one).
+    sets
+        The sets to show, in this order (default all, in ``fm``'s order).
+    vmin, vmax
+        Fixed colour limits; by default both come from the data: ±(the ``percentile``-th percentile of |value|)
+        around 0 on a diverging map for z-scored means, the (100 - p)th..pth percentiles otherwise. One scale for
+        all panels; the colourbar label says which, and its arrows show that values beyond it saturate.
+    title, note
+        The title (default "Filter means, layer <layer>", with the layer's unit noun) and a line under it.
+    layer
+        The layer's name (default ``fm.attrs["layer"]``).
+    unit_name
+        What the filter axis counts: ``"filter"``, ``"channel"``, ``"unit"`` or ``"class"`` (default
+        ``"channel"`` for the input layer, else ``"filter"``; :func:`layer_unit_name` tells it from a store).
+    zscore
+        Whether the means are z-scored (default ``fm.attrs["zscore"]``; unknown: the scale is symmetric when the
+        values have both signs).
+    colours
+        The set colours of the panel titles (default :func:`set_colours` of ``fm``'s sets).
+    percentile
+        The percentile behind the default colour limits.
+
+    Returns
+    -------
+    (Figure, numpy.ndarray of Axes)
+        One Axes per set.
+    """
+    plt = _pyplot()
+    fm = fm.compute()
+    layer = layer if layer is not None else (str(fm.attrs["layer"]) if "layer" in fm.attrs else None)
+    zscore = zscore if zscore is not None else (bool(fm.attrs["zscore"]) if "zscore" in fm.attrs else None)
+    noun = unit_name or ("channel" if layer == schema.INPUT_LAYER else "filter")
+    if noun not in _UNIT_WORDS:
+        raise ValueError(f"unit_name must be one of {sorted(_UNIT_WORDS)}, got {noun!r}")
+    quantity, heading = _UNIT_WORDS[noun]
+    names = _sets_of(fm, sets)
+    palette = _colours_for(fm["set"].values, colours)
+    parts = {name: fm.isel(image=np.asarray(fm["set"].values == name)) for name in names}
+    values = np.concatenate([p.values.ravel() for p in parts.values()]) if parts else np.zeros(0)
+    symmetric = zscore if zscore is not None else bool(values.size and values.min() < 0 < values.max())
+    low, high = _robust_limits(values, symmetric=symmetric, percentile=percentile)
+    if vmin is not None or vmax is not None:
+        low, high = (vmin if vmin is not None else low), (vmax if vmax is not None else high)
+        scale = f"colour scale fixed: {low:.3g} … {high:.3g}"
+    elif symmetric:
+        scale = f"colour scale ±{high:.3g}: {_ordinal(percentile)} pct of |value|"
+    else:
+        scale = f"colour scale {low:.3g} … {high:.3g}: {_ordinal(100 - percentile)}–{_ordinal(percentile)} pct"
+    what = f"z-scored {quantity}" if zscore else quantity
+    how = {True: "z-scored within each set over its images × the layer's units", False: "raw activations",
+           None: ""}[zscore]
+    if fig is None:
+        tallest = max((p.sizes["image"] for p in parts.values()), default=1)
+        fig = plt.figure(figsize=(4.5 * len(names) + 1.5, max(3.2, 1.5 + 0.14 * tallest)), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    image = None
+    for ax, name in zip(axes, names, strict=True):
+        part = parts[name]
+        # "auto": nearest when each cell gets several pixels, antialiased when a layer has more units than the
+        # panel has pixels (nearest would silently drop columns)
+        image = ax.imshow(part.values, aspect="auto", interpolation="auto", vmin=low, vmax=high,
+                          cmap="RdBu_r" if symmetric else "viridis")
+        ax.set_title(name, fontsize=9, color=palette[name], fontweight="bold")
+        ax.set_xlabel(noun, fontsize=8)
+        _integer_ticks(ax.xaxis, nbins=5)  # 5-digit unit indices fit a 4.5-inch panel
+        _image_ticks(ax, part["image"].values, name)
+    if image is not None:
+        _colourbar(fig, image, axes, f"{what}\n{scale}", _extend(values, low, high), shrink=0.9)
+    named = (f"{heading}, layer {layer}" if layer else heading) + (f"; {how}" if how else "")
+    fig.suptitle(_with_suffix(title or named, note), fontsize=10)
+    return fig, axes
+
+
+def _is_softmax(values: np.ndarray) -> bool:
+    """Non-negative rows summing to 1 (to float16 precision): probabilities."""
+    if values.size == 0 or values.ndim != 2 or np.any(values < 0):
+        return False
+    return bool(np.allclose(values.astype(np.float64).sum(axis=1), 1.0, atol=1e-2))
+
+
+def prediction_heatmap(predictions: xr.DataArray, fig: Figure | None = None, *, sets: Sequence[str] | None = None,
+                       title: str | None = None, note: str | None = None, layer: str | None = None,
+                       colours: Mapping[str, str] | None = None) -> tuple[Figure, np.ndarray]:
+    """The prediction layer's activations (image x class), one panel per set (the seed's first figure).
+
+    All panels share one colour scale (0 to the largest value when none is negative: no value saturates) and one
+    labelled colourbar, so that panels compare; each panel names its images where they fit (ids without the
+    ``set/`` prefix) and its set in the set's colour (``colours``, default :func:`set_colours` of the sets).
+    ``layer`` names the layer in the title.
+    """
+    plt = _pyplot()
+    predictions = predictions.compute()
+    names = _sets_of(predictions, sets)
+    palette = _colours_for(predictions["set"].values, colours)
+    parts = {name: predictions.isel(image=np.asarray(predictions["set"].values == name)) for name in names}
+    values = np.concatenate([p.values.ravel() for p in parts.values()]) if parts else np.zeros(0)
+    finite = values[np.isfinite(values)]
+    low = min(0.0, float(finite.min())) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 1.0
+    high = high if high > low else low + 1e-9
+    probabilities = _is_softmax(np.concatenate([p.values for p in parts.values()])) if parts else False
+    quantity = "softmax probability" if probabilities else "activation"
+    heights = [max(p.sizes["image"], 1) for p in parts.values()]
+    if fig is None:
+        fig = plt.figure(figsize=(14, 1.3 + sum(0.45 + 0.13 * h for h in heights)), layout="constrained")
+    axes = fig.subplots(len(names), 1, squeeze=False, sharex=True,
+                        gridspec_kw={"height_ratios": heights} if heights else None)[:, 0]
+    image = None
+    for ax, name in zip(axes, names, strict=True):
+        part = parts[name]
+        image = ax.imshow(part.values, aspect="auto", interpolation="nearest", vmin=low, vmax=high, cmap="viridis")
+        _image_ticks(ax, part["image"].values, name)
+        ax.set_ylabel(name, fontsize=8, color=palette[name], fontweight="bold")
+        _integer_ticks(ax.xaxis)
+    if len(names):
+        axes[-1].set_xlabel(f"class (unit index of layer {layer})" if layer else "class (unit index)")
+    if image is not None:
+        _colourbar(fig, image, axes, f"{quantity}\n(one scale for all sets: {low:.3g} … {high:.3g}, the range of the "
+                   "values)", "neither", shrink=0.9, pad=0.01)
+    heading = f"Activations in the prediction layer ({layer})" if layer else "Activations in the prediction layer"
+    fig.suptitle(_with_suffix(title or heading, note), fontsize=10)
+    return fig, axes
+
+
+def _by_set(rdm: xr.DataArray, order: Sequence[str]) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """The RDM's values with images grouped by set (stable: the images' order within a set is kept) and the
+    ``(set, first row, end row)`` blocks; no blocks when the RDM has no ``set`` coordinate."""
+    values = np.asarray(rdm.values)
+    first_dim = rdm.dims[0]
+    labels_coord = next((c for name, c in rdm.coords.items() if name == schema.SET_COORD
+                         and c.dims == (first_dim,)), None)
+    if labels_coord is None:
+        return values, []
+    labels = np.asarray(labels_coord.values).astype(str)
+    rank = {name: k for k, name in enumerate(order)}
+    for name in labels:
+        rank.setdefault(str(name), len(rank))
+    index = np.argsort([rank[str(s)] for s in labels], kind="stable")
+    values = values[np.ix_(index, index)]
+    sorted_labels = labels[index]
+    blocks = []
+    start = 0
+    for name in dict.fromkeys(sorted_labels):
+        end = start + int(np.sum(sorted_labels == name))
+        blocks.append((str(name), start, end))
+        start = end
+    return values, blocks
+
+
+def _rdm_scale_words(attrs: Mapping[Any, Any]) -> str:
+    if attrs.get("metric") is None:
+        return "distance"
+    units = attrs.get("n_units")
+    drawn = f"m ≤ {units} {attrs.get('unit_type', 'random')} units per layer" if units is not None else "m units"
+    return f"{_distance_label(attrs)}, norm={attrs.get('norm')}\n({drawn}, seed {attrs.get('seed')})"
+
+
+def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig: Figure | None = None, *, ncols: int = 6,
+               title: str | None = None, note: str | None = None,
+               colours: Mapping[str, str] | None = None) -> tuple[Figure, np.ndarray]:
+    """RDMs (image x image) per layer, one panel each, sharing one colour scale.
+
+    Images are grouped by set (in the order the sets first appear), with lines at the set boundaries and the set
+    names as tick labels in their colours (``colours``, default :func:`set_colours` of the sets): y labels on the
+    first column, x labels on the panels with no panel below. The colourbar names the distance (metric, norm,
+    units drawn, from the RDMs' attributes); the panel titles give the units used per layer.
+    """
+    plt = _pyplot()
+    if isinstance(rdms, xr.DataArray):
+        rdms = {str(rdms.attrs.get("layer", rdms.name or "rdm")): rdms}
+    rdms = {k: v.compute() for k, v in rdms.items()}
+    n = len(rdms)
+    cols = max(min(ncols, n), 1)
+    rows = int(np.ceil(n / cols))
+    if fig is None:
+        fig = plt.figure(figsize=(2.6 * cols + 1.6, 2.6 * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    set_order = list(dict.fromkeys(str(s) for v in rdms.values() if schema.SET_COORD in v.coords
+                                   for s in np.asarray(v[schema.SET_COORD].values).ravel()))
+    palette = _colours_for(set_order, colours)
+    grouped = {layer: _by_set(v, set_order) for layer, v in rdms.items()}
+    finite = [v[np.isfinite(v)] for v, _ in grouped.values()]
+    vmax = max((float(f.max()) for f in finite if f.size), default=1.0) or 1.0
+    image = None
+    for k, (ax, (layer, (values, blocks))) in enumerate(zip(axes, grouped.items(), strict=False)):
+        image = ax.imshow(values, vmin=0, vmax=vmax, cmap="magma", interpolation="nearest")
+        used = rdms[layer].attrs.get("n_units_used")
+        ax.set_title(layer if used is None else f"{layer}\nm = {used} units", fontsize=7)
+        centres = [(start + end - 1) / 2 for _, start, end in blocks]
+        for _, _, end in blocks[:-1]:
+            ax.axhline(end - 0.5, color="white", linewidth=0.8)
+            ax.axvline(end - 0.5, color="white", linewidth=0.8)
+        ax.set_xticks(centres)
+        ax.set_yticks(centres)
+        first_column, bottom = k % cols == 0, k + cols >= n
+        ax.set_yticklabels([name for name, _, _ in blocks] if first_column else [], fontsize=7)
+        ax.set_xticklabels([name for name, _, _ in blocks] if bottom else [], fontsize=7, rotation=45, ha="right")
+        for label, (name, _, _) in zip(ax.get_yticklabels() + ax.get_xticklabels(), blocks + blocks, strict=False):
+            label.set_color(palette[name])
+        ax.tick_params(length=0)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if image is not None:
+        first = next(iter(rdms.values()))
+        _colourbar(fig, image, axes[:n], f"{_rdm_scale_words(first.attrs)}\none scale for all layers: 0 … {vmax:.3g}",
+                   "neither", shrink=0.8)
+    fig.suptitle(_with_suffix(title or "RDMs by layer (images grouped by set)", note), fontsize=10)
+    return fig, axes[:n]
+
+
+# ------------------------------------------------------------------------------------------------ files
 def save(fig: Figure | SubFigure, path_stem: str | Path, formats: Sequence[str] = ("png", "svg"),
          dpi: int = 110) -> list[Path]:
     """Write ``fig`` as ``<path_stem>.png`` and ``.svg`` (or the given formats) and close it."""
@@ -255,36 +603,59 @@ def store_figure_inputs(tree: xr.DataTree, *, layers: Sequence[str] | None = Non
     }
 
 
-def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Path, *,
-                        note: str | None = None) -> list[Path]:
+def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Path, *, note: str | None = None,
+                        colours: Mapping[str, str] | None = None) -> list[Path]:
     """Filter-mean heatmaps (``filter_means/<layer>``), the prediction heatmap (``predictions``, when the store's last
     layer is a dense layer) and the RDM panels (``rdms``) under ``out``, from :func:`store_figure_inputs` computed.
-    Returns the paths written."""
+
+    ``colours``: the set colours of every figure (default :func:`set_colours` of the store's sets, which is what
+    :func:`write_result_figures` uses for a result over the same sets). Returns the paths written."""
     out = Path(out)
     fm, rdms = inputs["filter_means"], inputs["rdms"]
-    written: list[Path] = []
-    for layer in rdms:
-        written += save(filter_mean_heatmap(fm[layer]["filter_mean"], note=note)[0], out / "filter_means" / layer,
-                        formats=HEATMAP_FORMATS)
-    last = tree.attrs[schema.LAYERS_ATTR][-1]
+    palette = _colours_for(tree.dataset[schema.SET_COORD].values, colours)
+    written = write_filter_mean_figures(fm, out, layers=list(rdms), note=note, colours=palette,
+                                        unit_names={layer: layer_unit_name(tree, layer) for layer in rdms})
+    last = str(tree.attrs[schema.LAYERS_ATTR][-1])
     predictions = tree[last].dataset[schema.ACTIVATION]
     if predictions.dims == (schema.IMAGE_DIM, schema.FILTER_DIM):
-        written += save(prediction_heatmap(predictions, note=note)[0], out / "predictions")
-    written += save(rdm_panels(rdms, note=note)[0], out / "rdms")
+        written += save(prediction_heatmap(predictions, note=note, layer=last, colours=palette)[0],
+                        out / "predictions")
+    written += save(rdm_panels(rdms, note=note, colours=palette)[0], out / "rdms")
     return written
 
 
-def write_result_figures(d: xr.DataArray, out: str | Path, *, reference: str | None = None,
-                         note: str | None = None) -> list[Path]:
+def write_filter_mean_figures(fm: xr.DataTree, out: str | Path, *, layers: Sequence[str],
+                              unit_names: Mapping[str, str | None], note: str | None = None,
+                              colours: Mapping[str, str]) -> list[Path]:
+    """One filter-mean heatmap per layer (``filter_means/<layer>``) under ``out``, from :func:`cnndiff_xr.filter_means`
+    computed (or a ``cnndiff summarize`` file): the store figures and ``cnndiff plot FILTER_MEANS`` both draw them
+    here. ``unit_names``: what each layer's units are called (:func:`layer_unit_name`). Returns the paths written."""
+    out = Path(out)
+    written: list[Path] = []
+    for layer in layers:
+        node = fm[layer].dataset
+        fig, _ = filter_mean_heatmap(node["filter_mean"], note=note, layer=layer, unit_name=unit_names.get(layer),
+                                     zscore=bool(node.attrs.get("zscore")), colours=colours)
+        written += save(fig, out / "filter_means" / layer, formats=HEATMAP_FORMATS)
+    return written
+
+
+def write_result_figures(d: xr.DataArray, out: str | Path, *, reference: str | None = None, note: str | None = None,
+                         colours: Mapping[str, str] | None = None) -> list[Path]:
     """Differentiation by layer (``differentiation``), normalised by ``reference`` (``differentiation_by_<ref>``)
-    and, with two or more sets and the input layer, R² by depth (``stimulus_vs_layer_r2``) under ``out``.
-    Returns the paths written."""
+    and, with three or more sets and the input layer, R² by depth (``stimulus_vs_layer_r2``) under ``out``.
+
+    R² across two sets is 1 by construction, so it is not drawn; with three sets (a line through three points) the
+    figure is drawn and says in red that it is nearly meaningless (:func:`r2_by_depth`, :data:`MIN_SETS_FOR_R2`).
+    ``colours``: the set colours (default :func:`set_colours` of ``d``'s sets). Returns the paths written."""
     import cnndiff_xr as cx
 
     out = Path(out)
-    written = save(differentiation_by_layer(d, note=note)[0], out / "differentiation")
+    palette = _colours_for(d["set"].values, colours)
+    written = save(differentiation_by_layer(d, note=note, colours=palette)[0], out / "differentiation")
     if reference:
-        written += save(normalised_differentiation(d, reference, note=note)[0], out / f"differentiation_by_{reference}")
-    if d.sizes["set"] >= 2 and schema.INPUT_LAYER in d["layer"].values:
+        written += save(normalised_differentiation(d, reference, note=note, colours=palette)[0],
+                        out / f"differentiation_by_{reference}")
+    if d.sizes["set"] >= 3 and schema.INPUT_LAYER in d["layer"].values:
         written += save(r2_by_depth(cx.stimulus_regression(d), note=note)[0], out / "stimulus_vs_layer_r2")
     return written

@@ -166,6 +166,8 @@ class DistanceSpec:
     degenerate_word: str = "constant"
     #: every distance >= 0 (and +0.0, never -0.0): the radix-select median orders distances by their bits
     non_negative: bool = True
+    #: divided by ``sqrt(m)`` ("mean distance per dimension"), so that it does not grow with the number of units
+    per_unit: bool = False
 
     def __post_init__(self) -> None:
         if (self.squared_scale is None) == (self.from_similarity is None):
@@ -174,6 +176,11 @@ class DistanceSpec:
     @property
     def key(self) -> tuple[Norm, Metric]:
         return (self.norm, self.metric)
+
+    @property
+    def label(self) -> str:
+        """How figures and tables name this distance: ``"euclidean distance / √m"``, ``"cosine distance"``."""
+        return f"{self.metric} distance" + (" / √m" if self.per_unit else "")
 
     @property
     def one_pass(self) -> bool:
@@ -225,13 +232,14 @@ class DistanceSpec:
 
 #: one entry per (norm, metric)
 _SPECS = (
-    DistanceSpec("layer", "euclidean", centroid_shift, no_rows, squared_scale=per_layer_sd),
+    DistanceSpec("layer", "euclidean", centroid_shift, no_rows, squared_scale=per_layer_sd, per_unit=True),
     DistanceSpec("layer", "correlation", row_mean_shift, constant_rows, from_similarity=one_minus_similarity),
     DistanceSpec("layer", "cosine", layer_mean_shift, rows_at_layer_mean, from_similarity=one_minus_similarity),
-    DistanceSpec("image", "euclidean", row_mean_shift, constant_rows, from_similarity=unit_vector_euclidean),
+    DistanceSpec("image", "euclidean", row_mean_shift, constant_rows, from_similarity=unit_vector_euclidean,
+                 per_unit=True),
     DistanceSpec("image", "correlation", row_mean_shift, constant_rows, from_similarity=one_minus_similarity),
     DistanceSpec("image", "cosine", row_mean_shift, constant_rows, from_similarity=one_minus_similarity),
-    DistanceSpec("none", "euclidean", centroid_shift, no_rows, squared_scale=per_unit),
+    DistanceSpec("none", "euclidean", centroid_shift, no_rows, squared_scale=per_unit, per_unit=True),
     DistanceSpec("none", "correlation", row_mean_shift, constant_rows, from_similarity=one_minus_similarity),
     DistanceSpec("none", "cosine", no_shift, all_zero_rows, from_similarity=one_minus_similarity,
                  degenerate_word="all-zero"),

@@ -139,10 +139,12 @@ def filter_means(
     }
     for name in names:
         fm, mean, filters = _layer_parts(coll, coll.layer(name), rows, zscore, filter_dim)
+        # also on the variables: fm[layer]["filter_mean"] alone (what a figure is given) still names its layer
+        variable_attrs = {"layer": name, "zscore": zscore}
         nodes[f"/{name}"] = xr.Dataset(
             {
-                "filter_mean": ((sample_dim, filter_dim), fm),
-                "layer_mean": ((sample_dim,), mean),
+                "filter_mean": ((sample_dim, filter_dim), fm, variable_attrs),
+                "layer_mean": ((sample_dim,), mean, variable_attrs),
             },
             coords={**sample_coords, filter_dim: filters.values},
             attrs={"layer": name, "zscore": zscore},
