@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .outputs import FolderManifest
+
 if TYPE_CHECKING:
     from distributed import Client
 
@@ -72,6 +74,53 @@ def write_image_sets(folder: Path, n_per_set: int) -> dict[str, str]:
     return paths
 
 
+#: The demo's output folder: what it writes there (top-level names) and, per step, the names its files get, so that
+#: a rerun can remove the files of a step that was interrupted before it recorded them (see ``outputs``).
+MANIFEST = ".cnndiff-demo.json"
+STORE = "activations.zarr"
+STEPS = {
+    "images": r"images/[^/]+/[^/]+_\d{3}\.png",
+    STORE: r"activations\.zarr(\.lock|/(.+/)?zarr\.json|/(.+/)?c/.+)",  # Zarr v3: zarr.json + chunks under c/
+    "results": r"results/differentiation\.(nc|csv)",
+    "figures": r"figures/.+\.(png|svg)",
+    "report.txt": r"report\.txt",
+}
+ENTRIES = (*STEPS, f"{STORE}.lock")  # the store's writer lock sits next to it while the extraction runs
+
+
+def claim_folder(out: str | Path) -> FolderManifest:
+    """Make ``out`` ready for a demo run: remove what an earlier demo wrote there and nothing else.
+
+    Raises
+    ------
+    OutputFolderError
+        ``out`` holds files the demo did not write where it writes, or is a non-empty folder that no demo wrote.
+    """
+    return FolderManifest.claim(
+        out, name=MANIFEST, job="cnndiff demo", entries=ENTRIES,
+        remedy=f"Give a new or empty folder (cnndiff demo --out NEW_FOLDER; run_demo(out=...)), or move your files "
+               f"out of {out}.")
+
+
+def random_weights_notes() -> list[str]:
+    """What each figure means when the network is untrained, in plain words (paths relative to the output folder)."""
+    return [
+        "What RANDOM weights mean for each figure (an untrained VGG16: the architecture with random filters):",
+        "  figures/predictions.png: the 1,000 output units are not ImageNet classes; which unit an image drives most",
+        "    means nothing (and the predicted labels in the store are empty).",
+        "  figures/differentiation.png, figures/differentiation_by_white_noise.png: what convolution, ReLU and",
+        "    pooling with random filters do to each set. Where photos or cats rise above white noise, the rise comes",
+        "    from the architecture and the images' own statistics (smooth regions vs independent pixels), not from",
+        "    training; ImageNet weights are needed to see what learning adds.",
+        "  figures/stimulus_vs_layer_r2.png: how well the input's differentiation predicts each layer's across the",
+        "    sets; with random filters, how much the architecture alone preserves. With 3 sets an R² rests on one",
+        "    degree of freedom: read it as a sketch, not a result.",
+        "  figures/rdms.png: distances between images per layer; any structure is inherited from the pixels through",
+        "    random filters, not learned categories.",
+        "  figures/filter_means/: each random filter's mean response; it follows brightness and colour, not features.",
+    ]
+
+
 def run_demo(
     out: str | Path = "cnndiff-demo",
     *,
@@ -83,7 +132,12 @@ def run_demo(
     n_workers: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Run the demo; return the path of its report. See the module docstring."""
+    """Run the demo into the folder ``out``; return the path of its report. See the module docstring.
+
+    ``out`` must be new, empty, or a folder an earlier demo wrote: a rerun deletes only the files the earlier run
+    recorded in ``out/.cnndiff-demo.json``, and refuses (:class:`~cnndiff_xr.outputs.OutputFolderError`, before
+    anything is written or removed) when other files are where the demo writes.
+    """
     import cnndiff_xr as cx
 
     from . import plot
@@ -93,18 +147,12 @@ def run_demo(
 
     if not isinstance(n_images, int) or n_images < 3:
         raise ValueError(f"n_images must be an int >= 3 (images per set), got {n_images!r}")
+    if n_images > len(PHOTOS):
+        raise ValueError(f"n_images={n_images}: the demo has {len(PHOTOS)} bundled photographs per set at most")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # a rerun (perhaps with other options) starts afresh: remove what an earlier demo wrote here, and only that
-    import shutil
-
-    for owned in ("images", "activations.zarr", "activations.zarr.lock", "figures", "results", "report.txt"):
-        path = out / owned
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+    manifest = claim_folder(out)  # before any work: a refused folder costs nothing
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    t_start = time.perf_counter()
     warning = None
     if weights == "auto":
         weights, warning = models.auto_weights("vgg16")
@@ -112,17 +160,21 @@ def run_demo(
         weights, warning = None, "RANDOM weights were requested (--weights random): an untrained network."
     if warning:
         say(f"{BANNER}\n{warning}\n{BANNER}")
-    t0 = time.perf_counter()
-    image_folder = out / "images"
+    manifest.begin("images", STEPS["images"])
     sets: dict[str, Any] = {"white_noise": cx.images.white_noise(n_images, seed=0),
-                            **write_image_sets(image_folder, n_images)}
-    store_path = out / "activations.zarr"
+                            **write_image_sets(out / "images", n_images)}
+    manifest.record_tree("images")
+    store_path = out / STORE
+    manifest.begin(STORE, STEPS[STORE])
     with get_client(client, n_workers=n_workers) as dask_client:
+        n_workers_used = len(dask_client.scheduler_info().get("workers", {}))
+        t_extract = time.perf_counter()
         tree, report = cx.extract(sets, store=str(store_path), model="vgg16", weights=weights, layers="seed",
                                   dtype="float16", client=dask_client, batch_size=4, progress=progress,
                                   attrs={"warning": warning} if warning else None, return_report=True)
-        t_extract = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t_extract = time.perf_counter() - t_extract
+        manifest.record_tree(STORE)
+        t_analysis = time.perf_counter()
         layers = tree.attrs["layers"]
         lazy = {
             "d": cx.differentiation(tree, n_units=list(n_units), resamples=resamples, seed=0),
@@ -130,37 +182,61 @@ def run_demo(
         }
         say(f"analysis: {len(layers)} layers, n_units={list(n_units)}, {resamples} resamples, filter means, RDMs")
         computed = dask_client.compute(lazy, sync=True)
+        t_analysis = time.perf_counter() - t_analysis
     d = computed["d"]
-    t_analysis = time.perf_counter() - t1
     note = plot.figure_note(tree.attrs)
 
     results = out / "results"
+    manifest.begin("results", STEPS["results"])
     results.mkdir(exist_ok=True)
     d.to_netcdf(results / "differentiation.nc")
     d.to_dataframe(name="differentiation").to_csv(results / "differentiation.csv")
+    manifest.record([results / "differentiation.nc", results / "differentiation.csv"], entry="results")
     figures = out / "figures"
+    manifest.begin("figures", STEPS["figures"])
+    t_figures = time.perf_counter()
     written = plot.write_result_figures(d, figures, reference="white_noise", note=note)
     written += plot.write_store_figures(tree, computed["figures"], figures, note=note)
+    t_figures = time.perf_counter() - t_figures
+    manifest.record(written, entry="figures")
 
     summary = resample_summary(d)["mean"]
+    setup = t_extract - report.seconds
+    mb = 1e6
     lines = [
         "cnndiff_xr demo report",
         "=" * 22,
-        *( [BANNER, warning, BANNER] if warning else ["weights: ImageNet (Keras cache)"] ),
-        f"store: {store_path} ({report.n_images} images; extraction {t_extract:.1f} s, "
-        f"{report.images_per_second:.2f} images/s)",
-        f"analysis: differentiation for n_units={list(n_units)}, {resamples} resamples; filter means "
-        f"({t_analysis:.1f} s)",
+        *([BANNER, warning, BANNER] if warning else ["weights: ImageNet (Keras cache)"]),
+        f"store: {store_path}: {report.n_images} images, {len(layers)} layers, float16, "
+        f"{manifest.total_bytes(STORE) / mb:,.0f} MB on disk",
+        f"extraction: {t_extract:.1f} s wall time for {report.n_images} images "
+        f"({report.n_images / t_extract:.2f} images/s overall), of which",
+        f"  {setup:.1f} s setting up and finishing (building VGG16, checking the images, writing the store's",
+        f"    layout, loading the model on {n_workers_used} worker(s), copying the predictions into every layer),",
+        f"  {report.seconds:.1f} s running the batches: {report.images_per_second:.2f} images/s (decoding, forward "
+        "pass, compression, writing)",
+        f"analysis: {t_analysis:.1f} s wall time (differentiation for n_units={list(n_units)}, {resamples} "
+        f"resamples; filter means; RDMs of 10,000 units)",
+        f"figures: {t_figures:.1f} s; total: {time.perf_counter() - t_start:.1f} s wall time",
         "",
         "differentiation (median pairwise distance per unit, mean over resamples):",
     ]
     for n in summary["n_units"].values:
         table = summary.sel(n_units=n).to_pandas().T  # rows: layers, columns: sets
         lines += [f"-- {n} units", table.to_string(float_format=lambda v: f"{v:.3f}"), ""]
+    if warning:
+        lines += [*random_weights_notes(), ""]
     lines += ["files:", f"  {results / 'differentiation.nc'}", f"  {results / 'differentiation.csv'}",
               *(f"  {p}" for p in written if p.suffix == ".png" and "filter_means" not in p.parts),
-              f"  {figures / 'filter_means'}/<layer>.png ({len(layers)} layers)"]
+              f"  {figures / 'filter_means'}/<layer>.png ({len(layers)} layers)",
+              "",
+              f"disk: {manifest.total_bytes() / mb:,.0f} MB written into {out} (the store "
+              f"{manifest.total_bytes(STORE) / mb:,.0f} MB). A rerun into {out} replaces exactly",
+              f"  these files (listed in {MANIFEST} there) and never touches others."]
     report_path = out / "report.txt"
+    manifest.begin("report.txt", STEPS["report.txt"])
     report_path.write_text("\n".join(lines) + "\n")
-    say(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {report_path}; figures: {figures}")
+    manifest.record([report_path], entry="report.txt")
+    manifest.finish()
+    say(f"demo finished in {time.perf_counter() - t_start:.0f} s; report: {report_path}; figures: {figures}")
     return report_path
