@@ -1,4 +1,4 @@
-"""Differentiation over a stored corpus vs one read of the store (issue 5).
+"""Differentiation over a stored corpus vs one read of the store.
 
 A VGG16 store (random weights, default layers; float32, the default, and float16) of natural photos and white noise
 is made first; then, on the same scheduler, (a) one read: every chunk of every layer decompressed and discarded, and

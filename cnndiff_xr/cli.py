@@ -1,7 +1,9 @@
 """The ``cnndiff`` command: one entry point, one subcommand per job.
 
-Exit codes: 0 success, 1 the job failed (bad image, store refused, weights unavailable, ...), 2 bad arguments.
-Errors go to stderr as one ``cnndiff <subcommand>: error: ...`` message, never a traceback, unless ``--debug``.
+Exit codes: 0 success, 1 the job failed (bad image, store refused, weights unavailable, ...), 2 bad arguments, 130
+interrupted (Ctrl-C). Errors go to stderr as one ``cnndiff <subcommand>: error: ...`` message, an interruption as one
+``cnndiff <subcommand>: interrupted ...`` line saying what was saved, never a traceback, unless ``--debug``.
+TensorFlow's and Dask's log lines are hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -11,17 +13,20 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import options
+from .extraction.backends import UnknownLayerError, set_verbose
 
 if TYPE_CHECKING:
     import xarray as xr
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
 
 
 class UsageError(ValueError):
@@ -105,17 +110,46 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if weights not in ("imagenet", None) and not os.path.isfile(weights):
         raise UsageError(f"--weights {args.weights!r}: use 'imagenet', 'random' or the path of a weights file")
     sets = _parse_sets(args.set, args.frame_step)
-    _, report = extract(
-        sets, store=args.store, model=args.model, weights=weights, layers=_parse_layers(args.layers),
-        dtype=args.dtype, client=args.scheduler, batch_size=args.batch_size, resize=args.resize, seed=args.seed,
-        on_error=args.on_error, compression=args.compression, compression_level=args.level,
-        n_workers=args.workers, progress=not args.quiet, return_report=True, break_lock=args.break_lock,
-    )
+    try:
+        _, report = extract(
+            sets, store=args.store, model=args.model, weights=weights, layers=_parse_layers(args.layers),
+            dtype=args.dtype, client=args.scheduler, batch_size=args.batch_size, resize=args.resize, seed=args.seed,
+            on_error=args.on_error, compression=args.compression, compression_level=args.level,
+            n_workers=args.workers, progress=not args.quiet, return_report=True, break_lock=args.break_lock,
+        )
+    except UnknownLayerError as err:  # known only once the model is built, but a bad argument all the same
+        raise UsageError(_unknown_layers_message(err, args.model)) from None
     print(f"{report.images_computed} images extracted in {report.seconds:.1f} s "
           f"({report.images_per_second:.2f} images/s); store complete: {args.store}")
     if report.skipped:
         print(f"{len(report.skipped)} unreadable image(s) skipped (listed in the store's skipped_images attribute)")
     return 0
+
+
+def _unknown_layers_message(err: UnknownLayerError, model: str) -> str:
+    """``--layers`` names that ``--model`` lacks, with the closest names it has."""
+    parts = []
+    for name in err.unknown:
+        close = err.closest.get(name) or []
+        parts.append(f"{name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+    names = err.available
+    listing = ", ".join(names if len(names) <= 40 else [*names[:30], "...", *names[-5:]])
+    return (f"--layers: {', '.join(parts)} {'is not a layer' if len(parts) == 1 else 'are not layers'} of --model "
+            f"{model}; its {len(names)} layers: {listing}")
+
+
+def _interruption_note(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves behind, for its one-line message."""
+    if args.command != "extract":
+        return "nothing more was written; rerun the same command to run it again"
+    from .extraction import store
+
+    try:
+        done = store.completed(args.store)
+    except Exception:  # no store yet (interrupted while images were checked or the model built), or unreadable
+        return "nothing was written to the store; rerun the same command to start again"
+    return (f"{int(done.sum())} of {done.size} images are saved in {args.store}; rerun the same command to extract "
+            "the rest (it resumes)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -186,14 +220,20 @@ def _cmd_differentiation(args: argparse.Namespace) -> int:
     result = xr.Dataset({"differentiation": d})
     if args.reference is not None:
         result["normalised"] = normalise_by_reference(d, reference=args.reference)
-    result.attrs.update({"store": args.store, "weights": tree.attrs.get("weights", ""),
-                         "model": tree.attrs.get("model", ""), "reference": args.reference or ""})
-    mean = resample_summary(d)["mean"] if d.sizes.get("resample", 1) > 1 else d.isel(resample=0, drop=True)
-    for n in mean["n_units"].values:
-        print(f"differentiation, {n} units (mean over {d.sizes['resample']} resamples); rows: layers")
-        print(mean.sel(n_units=n).to_pandas().T.to_string(float_format=lambda v: f"{v:.4f}"))
-        print()
+    result.attrs.update({**_provenance(tree.attrs, args.store), "reference": args.reference or ""})
+    tables = {"differentiation": d}
+    if args.reference is not None:
+        tables[f"differentiation / {args.reference} (per draw)"] = result["normalised"]
+    for title, values in tables.items():
+        mean = (resample_summary(values)["mean"] if values.sizes.get("resample", 1) > 1
+                else values.isel(resample=0, drop=True))
+        for n in mean["n_units"].values:
+            print(f"{title}, {n} units (mean over {d.sizes['resample']} resamples); rows: layers")
+            print(mean.sel(n_units=n).to_pandas().T.to_string(float_format=lambda v: f"{v:.4f}"))
+            print()
     if args.out:
+        if args.out.endswith((".nc", ".nc4", ".netcdf")):
+            result.attrs = _netcdf_attrs(result.attrs)
         _write_dataset(result, args.out)
         csv = args.csv or args.out.rsplit(".", 1)[0] + ".csv"
         result.to_dataframe().to_csv(csv)
@@ -202,28 +242,51 @@ def _cmd_differentiation(args: argparse.Namespace) -> int:
 
 
 def _netcdf_attrs(attrs: Mapping[Any, Any]) -> dict[Any, Any]:
-    """NetCDF attributes have no boolean type, and HDF5 cannot store numpy unicode arrays: use ints and str."""
+    """NetCDF attributes are numbers, strings or flat arrays of them: booleans become ints, numpy strings str, and
+    what nests (a dict, a list of dicts or lists) or is empty (None, []) becomes its JSON text."""
     def fix(value: Any) -> Any:
         if isinstance(value, (bool, np.bool_)):
             return int(value)
+        if value is None or isinstance(value, Mapping) or (
+                isinstance(value, (list, tuple)) and (not value or any(isinstance(v, (Mapping, list, tuple))
+                                                                       for v in value))):
+            return json.dumps(value, default=str)
         if isinstance(value, (list, tuple, np.ndarray)):
             return [fix(v) for v in value]
         return str(value) if isinstance(value, np.str_) else value
     return {k: fix(v) for k, v in attrs.items()}
 
 
+def _provenance(store_attrs: Mapping[Any, Any], store: str) -> dict[str, Any]:
+    """The store's provenance for a result written from it: its root attributes (model, weights and their digest,
+    input size, resize, preprocessing, dtype, versions, created, skipped images, ...) and its path under ``store``.
+
+    The format marker is left out, so that a result saved as .zarr is never taken for an activation store, and so
+    is the store's layer list (a result holds the layers it was computed for)."""
+    from .schema import FORMAT_ATTR, LAYERS_ATTR
+
+    kept = {str(k): v for k, v in store_attrs.items() if k not in (FORMAT_ATTR, LAYERS_ATTR)}
+    return {**kept, "store": store}
+
+
 def _cmd_summarize(args: argparse.Namespace) -> int:
     from .analysis.summaries import filter_means
     from .extraction.cluster import get_client
     from .extraction.store import open_activations
+    from .plot import layer_unit_name
 
     if not args.out.endswith((".nc", ".zarr")):
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
     _check_out(args.out, args.overwrite)
-    fm = filter_means(open_activations(args.store), zscore=args.zscore, layers=_names(args.layers),
-                      sets=_names(args.sets))
+    tree = open_activations(args.store)
+    fm = filter_means(tree, zscore=args.zscore, layers=_names(args.layers), sets=_names(args.sets))
     with get_client(args.scheduler, n_workers=args.workers) as client:
         fm = client.compute(fm, sync=True)
+    # the store's provenance travels with the numbers (the root keeps filter_means' own layers, zscore and sets), and
+    # each layer says what its filter axis counts, so that 'cnndiff plot' labels the heatmaps as from the store
+    fm.attrs = {**_provenance(tree.attrs, args.store), **fm.attrs}
+    for name in fm.children:
+        fm[name].attrs = {**fm[name].attrs, "unit_name": layer_unit_name(tree, name)}
     if args.out.endswith(".zarr"):
         fm.to_zarr(args.out, mode="w")
     else:
@@ -236,34 +299,98 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter_mean_layers(source: str) -> xr.DataTree | None:
+    """The filter means in ``source`` (a ``cnndiff summarize`` output: one group per layer holding
+    ``filter_mean``), or None when it holds none."""
+    import xarray as xr
+
+    try:
+        tree = xr.open_datatree(source, engine="zarr") if source.endswith(".zarr") else xr.open_datatree(source)
+    except Exception:  # not a tree either: the caller says what SOURCE should be
+        return None
+    if not any("filter_mean" in tree[name].data_vars for name in tree.children):
+        return None
+    return tree
+
+
+def _draw_filter_means(fm: xr.DataTree, out: Path, layers: Sequence[str] | None) -> list[Path]:
+    """Filter-mean heatmaps (``filter_means/<layer>``) from a ``cnndiff summarize`` output, as ``cnndiff plot
+    STORE`` draws them."""
+    from . import plot
+
+    present = [name for name in fm.children if "filter_mean" in fm[name].data_vars]
+    order = [str(v) for v in fm.attrs.get("layers", [])]  # network order, when the file says it
+    present = sorted(present, key=lambda name: order.index(name) if name in order else len(order))
+    if layers is not None:
+        unknown = [name for name in layers if name not in present]
+        if unknown:
+            raise UsageError(f"--layers: {unknown} not in this file; it holds {present}")
+        present = [name for name in present if name in layers]
+    # the same colours as the store's figures: from every set in the file (all the store's sets, unless --sets)
+    palette = plot.set_colours(np.concatenate([fm[name]["set"].values for name in present]))
+    return plot.write_filter_mean_figures(fm.load(), out, layers=present, note=plot.figure_note(fm.attrs),
+                                          unit_names={name: fm[name].attrs.get("unit_name") for name in present},
+                                          colours=palette)
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     import dask
     import xarray as xr
 
     from . import plot
     from .extraction import store
+    from .outputs import OutputExistsError, place_files, staging_folder, taken
 
+    layers = _names(args.layers)
+    draw: Callable[[Path], list[Path]]
     if store.is_store(args.source):
         tree = store.open_activations(args.source)
-        inputs = plot.store_figure_inputs(tree, layers=_names(args.layers), rdm_units=args.rdm_units)
-        (computed,) = dask.compute(inputs)
-        written = plot.write_store_figures(tree, computed, args.out, note=plot.figure_note(tree.attrs))
+        expected = [f"filter_means/{name}.png" for name in (layers or tree.attrs["layers"])]
+
+        def draw(staging: Path) -> list[Path]:
+            inputs = plot.store_figure_inputs(tree, layers=layers, rdm_units=args.rdm_units)
+            (computed,) = dask.compute(inputs)
+            return plot.write_store_figures(tree, computed, staging, note=plot.figure_note(tree.attrs))
     else:
         if not os.path.exists(args.source):
             raise UsageError(f"SOURCE {args.source!r} does not exist")
         try:
             result = xr.open_zarr(args.source) if args.source.endswith(".zarr") else xr.open_dataset(args.source)
         except Exception as err:
-            raise UsageError(f"SOURCE {args.source!r} is neither a cnndiff store nor a differentiation result "
-                             f"(.nc/.zarr from 'cnndiff differentiation'): {err}") from None
-        if "differentiation" not in result:
-            raise UsageError(f"SOURCE {args.source!r} has no 'differentiation' variable; make it with "
-                             "'cnndiff differentiation STORE --out FILE'")
-        d = result["differentiation"].load()
-        reference = args.reference or result.attrs.get("reference") or None
-        if reference and reference not in d["set"].values:
-            raise UsageError(f"--reference {reference!r} is not a set of this result: {list(d['set'].values)}")
-        written = plot.write_result_figures(d, args.out, reference=reference, note=plot.figure_note(result.attrs))
+            raise UsageError(f"SOURCE {args.source!r} is neither a cnndiff store nor a result of 'cnndiff "
+                             f"differentiation' or 'cnndiff summarize' (.nc/.zarr): {err}") from None
+        fm = None if "differentiation" in result else _filter_mean_layers(args.source)
+        if fm is not None:
+            expected = [f"filter_means/{name}.png" for name in (layers or fm.children)]
+
+            def draw(staging: Path) -> list[Path]:
+                return _draw_filter_means(fm, staging, layers)
+        else:
+            if "differentiation" not in result:
+                raise UsageError(f"SOURCE {args.source!r} has neither a 'differentiation' variable nor filter means; "
+                                 "make one with 'cnndiff differentiation STORE --out FILE' or 'cnndiff summarize "
+                                 "STORE --out FILE'")
+            d = result["differentiation"].load()
+            reference = args.reference or result.attrs.get("reference") or None
+            if reference and reference not in d["set"].values:
+                raise UsageError(f"--reference {reference!r} is not a set of this result: {list(d['set'].values)}")
+            expected = ["differentiation.png"]
+
+            def draw(staging: Path) -> list[Path]:
+                return plot.write_result_figures(d, staging, reference=reference,
+                                                 note=plot.figure_note(result.attrs))
+    # Refuse early, before any computing, when a figure this run surely writes is there already; the full check of
+    # every name happens when the figures, drawn in a staging folder, are moved into place.
+    clashes = [] if args.overwrite else taken(args.out, expected)
+    if clashes:
+        raise UsageError(f"--out {args.out!r} already holds {', '.join(map(str, clashes[:5]))}"
+                         f"{' ...' if len(clashes) > 5 else ''} (from an earlier 'cnndiff plot'?); pass --overwrite "
+                         "to replace the figures this command draws, or choose another --out")
+    with staging_folder(args.out) as staging:
+        try:
+            written = place_files(draw(staging), staging, args.out, overwrite=args.overwrite)
+        except OutputExistsError as err:
+            raise UsageError(f"--out {args.out!r}: {err}") from None
     for path in written:
         print(path)
     return 0
@@ -271,12 +398,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import PHOTOS, run_demo
+    from .outputs import OutputFolderError
 
     if args.n_images > len(PHOTOS):
         raise UsageError(f"--n-images {args.n_images}: the demo has {len(PHOTOS)} bundled photographs per set at most")
     weights = {"auto": "auto", "imagenet": "imagenet", "random": "random"}[args.weights]
-    report = run_demo(args.out, n_images=args.n_images, weights=weights, resamples=args.resamples,
-                      n_workers=args.workers, progress=not args.quiet)
+    try:
+        report = run_demo(args.out, n_images=args.n_images, weights=weights, resamples=args.resamples,
+                          n_workers=args.workers, progress=not args.quiet)
+    except OutputFolderError as err:
+        raise UsageError(f"--out {args.out!r}: {err}") from None
     print(report.read_text())
     print(f"report: {report}")
     return 0
@@ -294,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnndiff", description="Differentiation of CNN responses to image sets, "
                                      "on labelled Zarr stores and Dask.")
     parser.add_argument("--version", action="version", version=f"cnndiff_xr {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -363,22 +494,27 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(summ)
     summ.set_defaults(func=_cmd_summarize)
 
-    plo = sub.add_parser("plot", help="figures from a store or a differentiation result",
+    plo = sub.add_parser("plot", help="figures from a store, a differentiation result or filter means",
                          description="From a differentiation result (.nc/.zarr): differentiation by layer, "
                          "reference-normalised, R2 by depth. From a store: filter-mean heatmaps, the prediction "
-                         "heatmap, RDMs. PNG and SVG.")
-    plo.add_argument("source", help="a differentiation result (.nc/.zarr) or a store")
+                         "heatmap, RDMs. From filter means ('cnndiff summarize'): their heatmaps. PNG and SVG. "
+                         "Existing figures are never replaced unless --overwrite.")
+    plo.add_argument("source", help="a differentiation result or filter means (.nc/.zarr), or a store")
     plo.add_argument("--out", required=True, help="output folder")
     plo.add_argument("--reference", default=None, help="reference set for the normalised figure")
     plo.add_argument("--layers", default=None, help="store figures: comma-separated layers (default: all)")
     plo.add_argument("--rdm-units", type=_positive_int, default=10000, help="units per RDM (default 10000)")
+    plo.add_argument("--overwrite", action="store_true", help="replace figures of the same names in --out (other "
+                     "files there are never touched)")
     plo.set_defaults(func=_cmd_plot)
 
     dem = sub.add_parser("demo", help="the offline end-to-end demo",
                          description="Builds three image sets from packaged photographs, white noise and one cat "
                          "photo, extracts VGG16 activations on a local Dask cluster, computes differentiation for "
-                         "200 and 10,000 units and writes figures and a report.")
-    dem.add_argument("--out", default="cnndiff-demo", help="output folder (default cnndiff-demo)")
+                         "200 and 10,000 units and writes figures and a report (about 1 GB with the defaults).")
+    dem.add_argument("--out", default="cnndiff-demo", help="output folder (default cnndiff-demo): new, empty, or "
+                     "written by an earlier demo, whose files (listed in .cnndiff-demo.json) a rerun replaces; "
+                     "never a folder holding other files")
     dem.add_argument("--n-images", type=_int_at_least(3), default=12, help="images per set (default 12, 3..18)")
     dem.add_argument("--weights", default="auto", choices=["auto", "imagenet", "random"],
                      help="auto (default): ImageNet if cached or downloadable, else random (said loudly)")
@@ -386,14 +522,32 @@ def build_parser() -> argparse.ArgumentParser:
     dem.add_argument("--workers", type=_positive_int, default=None, help="local worker processes (default: cores)")
     dem.add_argument("--quiet", action="store_true")
     dem.set_defaults(func=_cmd_demo)
+    for command in sub.choices.values():  # also after the command: cnndiff extract ... --verbose
+        _global_options(command, after_command=True)
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after_command: bool = False) -> None:
+    """--debug and --verbose, before the command or after it; given after it they must not reset the value given
+    before it to a default (argparse would), hence no default there."""
+    default: dict[str, Any] = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors", **default)
+    parser.add_argument("--verbose", action="store_true", help="let TensorFlow and Dask print their log lines "
+                        "(hidden by default), here and in the worker processes", **default)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        set_verbose(True)  # before any framework is imported; the worker processes inherit it
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"cnndiff {args.command}: interrupted (Ctrl-C); {_interruption_note(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except UsageError as err:
         if args.debug:
             raise

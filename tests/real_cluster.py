@@ -70,9 +70,10 @@ def kill_group(proc: subprocess.Popen) -> None:
 class ProcessCluster:
     """``dask scheduler`` + ``n_workers`` ``dask worker`` processes (one thread each) on 127.0.0.1."""
 
-    def __init__(self, workdir: Path, n_workers: int = 2):
+    def __init__(self, workdir: Path, n_workers: int = 2, memory_limit: str = "2GiB"):
         self.workdir = Path(workdir)
         self.n_workers = n_workers
+        self.memory_limit = memory_limit
         self.scheduler_file = self.workdir / "scheduler.json"
         self.scheduler: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
@@ -108,7 +109,7 @@ class ProcessCluster:
         self._count += 1
         self.workers[name] = self._spawn(
             ["worker", self.address, "--name", name, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1",
-             "--no-dashboard", "--memory-limit", "2GiB", "--death-timeout", "60",
+             "--no-dashboard", "--memory-limit", self.memory_limit, "--death-timeout", "60",
              "--local-directory", str(self.workdir / name)], f"{name}.log", True)
         if wait:
             self.wait_for_workers(len(self.workers))

@@ -77,6 +77,11 @@ EXTRACT_CASES = [
     ({"model": "vgg16"}, ValueError, "preprocess= is only for a keras.Model"),
     ({"sets": {"a": "/no/such/folder/*.png"}}, images.ImageError,
      "/no/such/folder/*.png: glob pattern matched nothing"),
+    # a set that names no image is refused with on_error="skip" too: it is not an unreadable image (issue 16)
+    ({"sets": {**SETS, "b": "/no/such/folder/*.png"}, "on_error": "skip"}, images.ImageError,
+     "1 image set(s) name no image at all; nothing was written. Fix the path or glob, or leave the set out "
+     "(on_error='skip' (--on-error skip) leaves out unreadable images, not whole sets):\n"
+     "  set 'b': /no/such/folder/*.png: glob pattern matched nothing"),
 ]
 
 
@@ -210,6 +215,12 @@ CLI_CASES = [
     (["extract", "S", "--set", "a=noise:2", "--layers", ",,"], 2, "--layers ',,': give 'default', 'seed' or a"),
     (["extract", "S", "--set", "a=/no/such/*.png", "--weights", "random"], 1,
      "/no/such/*.png: glob pattern matched nothing"),
+    # a set that names nothing is a mistake, not an unreadable image: refused with --on-error skip too (issue 16)
+    (["extract", "S", "--set", "a=noise:2", "--set", "b=/no/such/*.png", "--on-error", "skip", "--weights", "random"],
+     1, "(--on-error skip) leaves out unreadable images, not whole sets):\n  set 'b': /no/such/*.png: glob pattern"),
+    # an unknown layer is a bad argument (known once the model is built), with the closest names (issue 16)
+    (["extract", "S", "--set", "a=noise:2", "--model", "mobilenet_v2", "--weights", "random", "--layers",
+      "input_layer,Conv1_rel"], 2, "--layers: 'Conv1_rel' (did you mean 'Conv1_relu' or"),
     (["info"], 2, "the following arguments are required: store"),
     (["info", "/no/such/store.zarr"], 1, "'/no/such/store.zarr' is not a cnndiff_xr store"),
     (["frobnicate"], 2, "argument COMMAND: invalid choice: 'frobnicate'"),

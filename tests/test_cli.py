@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import platform
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,8 @@ from PIL import Image
 from tiny import write_pngs
 
 import cnndiff_xr as cx
+from cnndiff_xr import cli
+from cnndiff_xr.extraction import lock, store
 
 CNNDIFF = str(Path(sys.executable).with_name("cnndiff"))
 LAYERS = "input_layer,Conv1_relu,out_relu,predictions"  # a light slice of MobileNetV2
@@ -126,3 +132,208 @@ def test_help_on_every_subcommand():
     for command in ("extract", "info", "differentiation", "summarize", "plot", "demo"):
         proc = run(command, "--help")
         assert "usage: cnndiff " + command in proc.stdout
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_plot_never_overwrites_figures_unless_asked(cli_store):
+    base, store = cli_store
+    result = base / "plot_twice.nc"
+    run("differentiation", store, "--n-units", "50", "--resamples", "2", "--reference", "noise", "--out", str(result),
+        "--workers", "1")
+    figs = base / "plot_twice"
+    figs.mkdir()
+    (figs / "my_figure.png").write_bytes(b"the user's own figure")
+    first = run("plot", str(result), "--out", str(figs)).stdout.split()
+    assert sorted(Path(p).name for p in first) == sorted(
+        f"{name}.{ext}" for name in ("differentiation", "differentiation_by_noise", "stimulus_vs_layer_r2")
+        for ext in ("png", "svg"))
+    before = _snapshot(figs)
+
+    again = run("plot", str(result), "--out", str(figs), check=False)  # the same figures again: refused
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "--overwrite" in again.stderr and "differentiation.png" in again.stderr
+    assert _snapshot(figs) == before  # nothing written, nothing replaced
+    assert not list(figs.glob(".cnndiff-staging-*"))
+
+    # the store's figures have other names: they go into the same folder without --overwrite (the README's workflow)
+    run("plot", store, "--out", str(figs), "--layers", "Conv1_relu", "--rdm-units", "50")
+    assert (figs / "rdms.png").is_file() and (figs / "filter_means" / "Conv1_relu.png").is_file()
+    with_store = _snapshot(figs)
+    assert {k: v for k, v in with_store.items() if k in before} == before
+
+    replaced = run("plot", str(result), "--out", str(figs), "--overwrite").stdout.split()
+    assert sorted(replaced) == sorted(first)
+    after = _snapshot(figs)
+    assert after["my_figure.png"] == before["my_figure.png"]  # another file in the folder is never touched
+    assert all(after[k][0] > before[k][0] for k in before if k != "my_figure.png")  # ours were replaced
+    assert after["rdms.png"] == with_store["rdms.png"]
+
+
+def test_plot_refuses_a_file_where_it_writes_a_folder(cli_store, tmp_path):
+    _, store = cli_store
+    (tmp_path / "filter_means").write_text("not a folder")
+    proc = run("plot", store, "--out", str(tmp_path), "--layers", "Conv1_relu", "--rdm-units", "50",
+               "--overwrite", check=False)
+    assert proc.returncode == 2 and "filter_means" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "filter_means").read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["filter_means"]  # nothing else was placed
+
+
+def test_differentiation_with_a_reference_prints_the_normalised_table(cli_store):
+    _, store = cli_store
+    proc = run("differentiation", store, "--n-units", "50", "--resamples", "2", "--reference", "noise",
+               "--layers", "input_layer,Conv1_relu", "--workers", "1")
+    raw, normalised = proc.stdout.split("differentiation / noise")
+    assert "differentiation, 50 units" in raw
+    lines = normalised.splitlines()  # "(per draw), 50 units ...", "set  photos noise movie", "layer", rows
+    header = next(line.split() for line in lines if line.startswith("set "))
+    rows = [line.split() for line in lines if line.startswith(("input_layer", "Conv1_relu"))]
+    assert [row[0] for row in rows] == ["input_layer", "Conv1_relu"]
+    noise_column = header.index("noise")  # "set" heads the layer names' column
+    assert all(row[noise_column] == "1.0000" for row in rows)  # the reference divided by itself
+    assert any(row[c] != "1.0000" for row in rows for c in range(1, len(row)))
+
+
+def test_summarize_carries_the_provenance_and_plot_draws_it(cli_store, tmp_path):
+    _, store = cli_store
+    attrs = cx.open_activations(store).attrs
+    for out in (tmp_path / "fm.nc", tmp_path / "fm.zarr"):
+        run("summarize", store, "--out", str(out), "--zscore", "--layers", "Conv1_relu,predictions",
+            "--workers", "1")
+        fm = xr.open_datatree(out, engine="zarr" if out.suffix == ".zarr" else None)
+        for key in ("model", "weights", "weights_sha256", "input_size", "resize", "preprocessing", "dtype",
+                    "cnndiff_xr_version", "created", "store_id"):
+            assert key in fm.attrs, key
+            expected = attrs[key]
+            assert (list(fm.attrs[key]) if isinstance(expected, list) else fm.attrs[key]) == expected, key
+        assert fm.attrs["store"] == store
+        assert list(fm.attrs["layers"]) == ["Conv1_relu", "predictions"]  # what the file holds
+        assert "format" not in fm.attrs  # never taken for an activation store
+        assert "skipped_images" in fm.attrs
+        assert fm["Conv1_relu"].attrs["unit_name"] == "filter" and fm["predictions"].attrs["unit_name"] == "class"
+    assert run("info", str(tmp_path / "fm.zarr"), check=False).returncode != 0
+
+    figs = tmp_path / "figs"
+    printed = run("plot", str(tmp_path / "fm.nc"), "--out", str(figs)).stdout.split()
+    assert sorted(Path(p).relative_to(figs).as_posix() for p in printed) == [
+        "filter_means/Conv1_relu.png", "filter_means/predictions.png"]
+    with Image.open(figs / "filter_means" / "Conv1_relu.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    # the same figure as from the store itself (title, units, colours, random-weights note: all from the file)
+    run("plot", store, "--out", str(tmp_path / "from_store"), "--layers", "Conv1_relu", "--rdm-units", "50")
+    assert (figs / "filter_means" / "Conv1_relu.png").read_bytes() == \
+        (tmp_path / "from_store" / "filter_means" / "Conv1_relu.png").read_bytes()
+    assert run("plot", str(tmp_path / "fm.zarr"), "--out", str(figs), check=False).returncode == 2  # exists
+    run("plot", str(tmp_path / "fm.zarr"), "--out", str(tmp_path / "figs2"), "--layers", "predictions")
+    assert [p.name for p in (tmp_path / "figs2" / "filter_means").iterdir()] == ["predictions.png"]
+
+
+def test_differentiation_result_carries_the_provenance(cli_store, tmp_path):
+    _, store = cli_store
+    attrs = cx.open_activations(store).attrs
+    out = tmp_path / "d.nc"
+    run("differentiation", store, "--n-units", "50", "--resamples", "2", "--layers", "Conv1_relu", "--out", str(out),
+        "--workers", "1")
+    result = xr.open_dataset(out)
+    assert result.attrs["weights"] == attrs["weights"] == "random(seed=0)"
+    assert result.attrs["weights_sha256"] == attrs["weights_sha256"] and result.attrs["store"] == store
+    assert result.attrs["created"] == attrs["created"] and "format" not in result.attrs
+
+
+# ------------------------------------------------------- issue 16: quiet logs, CLI-shaped mistakes, Ctrl-C (items 5-6)
+#: What TensorFlow prints when its logging is not kept quiet: C++ log lines, absl's notice, oneDNN's notice.
+TF_NOISE = re.compile(r"^[IWEF]\d{4} |oneDNN|absl", re.M)
+QUICK = ["--model", "mobilenet_v2", "--weights", "random", "--layers", "input_layer,Conv1_relu"]
+
+
+def run_as_user(*args: str, env: dict[str, str] | None = None, **popen) -> subprocess.CompletedProcess:
+    """``cnndiff`` in a user's environment: unlike run() above, nothing sets TF_CPP_MIN_LOG_LEVEL."""
+    env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, **(env or {})}
+    return subprocess.run([CNNDIFF, *args], capture_output=True, text=True, env=env, timeout=600, **popen)
+
+
+def test_extract_keeps_tensorflow_quiet_unless_verbose(tmp_path):
+    """The CLI, its model build and both worker processes print no TensorFlow log line by default; --verbose (given
+    after the command here) lets them through, which shows that this test sees them when they are printed."""
+    common = ["--set", "noise=noise:3", *QUICK, "--batch-size", "2", "--workers", "2"]
+    quiet = run_as_user("extract", str(tmp_path / "quiet.zarr"), *common)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not TF_NOISE.search(quiet.stderr), quiet.stderr[-3000:]
+    assert "store size before compression" in quiet.stderr and "Traceback" not in quiet.stderr
+    loud = run_as_user("extract", str(tmp_path / "loud.zarr"), *common, "--verbose")
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    if platform.machine().lower() in ("x86_64", "amd64"):  # TensorFlow's x86 builds announce oneDNN as they load
+        assert TF_NOISE.search(loud.stderr), loud.stderr[-3000:]
+
+
+def test_global_options_before_or_after_the_command():
+    parser = cli.build_parser()
+    for argv in (["--verbose", "--debug", "info", "s.zarr"], ["info", "s.zarr", "--verbose", "--debug"]):
+        args = parser.parse_args(argv)
+        assert args.verbose and args.debug, argv
+    args = parser.parse_args(["info", "s.zarr"])
+    assert not args.verbose and not args.debug
+
+
+def test_weights_hint_uses_cli_syntax(tmp_path):
+    """ImageNet weights that cannot be downloaded (a real download, through a proxy that refuses): the remedy is
+    spelled as the command line spells it."""
+    proxy = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    env = {"KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy,
+           "http_proxy": proxy}
+    proc = run_as_user("extract", str(tmp_path / "s.zarr"), "--set", "a=noise:2", "--model", "mobilenet_v2",
+                       "--layers", "input_layer,Conv1_relu", env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "WeightsUnavailableError" in proc.stderr and "--weights random" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_ctrl_c_during_extract_says_what_was_saved_and_exits_130(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group (the command and its worker processes),
+    in the middle of the extraction. One line, no traceback; the store keeps what was written and resumes."""
+    path = tmp_path / "big.zarr"
+    args = ["extract", str(path), "--set", "noise=noise:2000", *QUICK, "--batch-size", "4", "--workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.Popen([CNNDIFF, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                if store.completed(str(path)).sum() >= 8:  # two batches written, 1990-odd images to go
+                    break
+            except Exception:  # not created yet
+                pass
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    done = int(store.completed(str(path)).sum())
+    assert 8 <= done < 2000
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert lines == [f"cnndiff extract: interrupted (Ctrl-C); {done} of 2000 images are saved in {path}; rerun the "
+                     "same command to extract the rest (it resumes)"], err[-3000:]
+    assert err.rstrip().endswith(lines[0])  # the last word, after the progress bar
+    assert lock.read_lock(str(path)) is None  # released: the rerun is not refused
+
+
+def test_analysis_messages_name_images_by_their_ids(cli_store):
+    """Random MobileNetV2's class probabilities are the same for every image, so correlation distances are
+    undefined there; the message names the images as the store does, not as numpy's np.str_('...') reprs."""
+    _, store_path = cli_store
+    proc = run("differentiation", store_path, "--layers", "predictions", "--metric", "correlation", "--n-units", "20",
+               "--resamples", "1", "--workers", "1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "constant activations" in proc.stderr, proc.stderr[-3000:]
+    assert "np.str_" not in proc.stderr
+    assert re.search(r"\(e\.g\. \['(photos|noise|movie)/[^']+'", proc.stderr), proc.stderr[-3000:]

@@ -287,7 +287,7 @@ def _group_stats(parts: list[RowStats], plan: UnitPlan, task: GroupTask) -> Grou
 
 def _non_finite(bad: np.ndarray, layer: str, group: str, names: np.ndarray) -> ValueError:
     return ValueError(f"layer {layer!r}, set {group!r}: non-finite activations in {int(bad.sum())} image(s) "
-                      f"(e.g. {list(names[bad][:3])})")
+                      f"(e.g. {[str(n) for n in names[bad][:3]]})")
 
 
 def check_rows(stats: np.ndarray, m: int, spec: DistanceSpec, constant: ConstantPolicy, *, layer: str, group: str,
@@ -300,9 +300,10 @@ def check_rows(stats: np.ndarray, m: int, spec: DistanceSpec, constant: Constant
     mean, sd = pooled_scale(stats, m)
     degenerate = spec.degenerate_rows(stats, m, mean, sd)
     if constant == "raise" and degenerate.any():
+        examples = [str(n) for n in names[degenerate][:3]]  # ids as text, not numpy strings' reprs
         raise ValueError(
             f"layer {layer!r}, set {group!r}: {int(degenerate.sum())} of {degenerate.size} image(s) have "
-            f"{spec.degenerate_word} activations over the {m} sampled units (e.g. {list(names[degenerate][:3])}), "
+            f"{spec.degenerate_word} activations over the {m} sampled units (e.g. {examples}), "
             f"so norm={spec.norm!r}, metric={spec.metric!r} is undefined for them. Sample more units, use "
             f"{never_degenerate()}, or pass constant='zero'."
         )

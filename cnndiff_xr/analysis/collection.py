@@ -237,7 +237,7 @@ def refuse_incomplete(flags: np.ndarray, names: np.ndarray | None = None) -> Non
     """
     missing = np.flatnonzero(~np.asarray(flags, bool))
     if missing.size:
-        example = "" if names is None else f" (e.g. {list(names[missing[:3]])})"
+        example = "" if names is None else f" (e.g. {[str(n) for n in names[missing[:3]]]})"
         raise ValueError(
             f"{missing.size} of the selected images are not completed in the store{example}; "
             "finish the extraction first"

@@ -4,15 +4,23 @@ The model is built once per worker by :class:`ModelPlugin` (registered with ``cl
 plugin is set up; a model that cannot be built fails the first task that needs it with a clear message instead of
 blocking registration. Framework models never travel through Dask's serializer: only the small
 :class:`~cnndiff_xr.extraction.backends.ModelSpec` does. Nothing here knows which framework that is.
+
+The embedded cluster's worker processes are started without re-running the user's main script, so that a script
+without an ``if __name__ == "__main__":`` guard works (:func:`get_client` says how); they ignore Ctrl-C, which the
+process that started them handles by closing the cluster; and they log quietly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import logging
+import multiprocessing
 import os
 import re
+import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -23,18 +31,28 @@ from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 
 from ..options import Dtype
 from ..validation import ParameterTypeError, ParameterValueError, check_bool, check_optional_int, is_int
-from .backends import ModelBackend, ModelSpec, worker_env
+from .backends import ModelBackend, ModelSpec, quiet_framework_imports, verbose, worker_env
 
-# Set in every worker's environment before any framework starts: what each model backend asks for (one framework
-# thread per Dask worker thread, so that two workers on two cores do not each start a pool as wide as the machine and
-# thrash), one OpenMP thread, and:
-WORKER_ENV = {
-    **worker_env(),
-    "OMP_NUM_THREADS": "1",
-    # distributed's statistical profiler samples every worker thread's Python stack every 10 ms; on this workload
-    # it cost ~10 % of extraction throughput (benchmarks/RESULTS.md), and a one-task-at-a-time worker gains nothing
-    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
-}
+
+def worker_environment() -> dict[str, str]:
+    """The environment of the worker processes the embedded cluster starts, set before any framework starts: what
+    each model backend asks for (one framework thread per Dask worker thread, so that two workers on two cores do not
+    each start a pool as wide as the machine and thrash; quiet framework logging unless
+    :func:`~cnndiff_xr.extraction.backends.verbose`), one OpenMP thread, and no profiler (below). Read when a cluster
+    starts."""
+    return {
+        **worker_env(),
+        "OMP_NUM_THREADS": "1",
+        # distributed's statistical profiler samples every worker thread's Python stack every 10 ms; on this workload
+        # it cost ~10 % of extraction throughput (benchmarks/RESULTS.md), and a one-task-at-a-time worker gains
+        # nothing
+        "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
+    }
+
+
+#: :func:`worker_environment` as this module was imported (quiet logging unless verbose then), for clusters started
+#: by hand with the same settings.
+WORKER_ENV = worker_environment()
 
 # glibc malloc settings for the worker processes this package starts. Without them, every buffer over 32 MiB (a
 # decompressed or encoded chunk, a layer's output: tens of MB each) is a fresh mmap, paid for by a page fault on each
@@ -67,6 +85,92 @@ def check_address(address: Any, name: str = "client") -> str:
     return address.strip()
 
 
+def starting_from_main_script() -> bool:
+    """Whether this process is a child started by :mod:`multiprocessing` ("spawn" or "forkserver") that is still
+    re-running its parent's main script, which such a child does before it runs what it was started for.
+
+    Read from the flag that :mod:`multiprocessing.spawn` sets on the current process for exactly that phase (its own
+    ``_check_not_importing_main`` reads it to refuse starting processes then; ``multiprocessing.parent_process()``
+    is still None at that point).
+    """
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
+def refuse_in_starting_child(what: str) -> None:
+    """Raise when :func:`starting_from_main_script`: ``what`` (say ``"extract()"``) was reached from a script's top
+    level while a child process re-ran that script, and would run again there (a second extraction of the same
+    store, a cluster started inside a worker) instead of in the script's own process only."""
+    if not starting_from_main_script():
+        return
+    script = getattr(sys.modules.get("__mp_main__"), "__file__", None) or "the main script"
+    raise RuntimeError(
+        f"{what} was called while a new process re-ran {script} before starting (Python's 'spawn' start method "
+        f"imports the main script in every process it starts). Put the script's code under "
+        f"'if __name__ == \"__main__\":' so that it runs only when the script is run (see the README's "
+        f"'Python in ten lines')."
+    )
+
+
+class _MainScriptHidden:
+    """While any embedded cluster runs, the main module is announced to :mod:`multiprocessing` as a ``__main__``
+    module, so that the worker processes it spawns do not re-run the user's script.
+
+    A "spawn" (or "forkserver") child first re-runs the parent's main module as ``__mp_main__``: by path when the
+    main module's ``__spec__`` is None (``python script.py``), by name otherwise, but not when that name is
+    ``__main__`` or ends in ``.__main__`` (``multiprocessing.spawn.get_preparation_data`` and
+    ``_fixup_main_from_name``). A script that calls :func:`~cnndiff_xr.extraction.run.extract` at its top level
+    without an ``if __name__ == "__main__":`` guard would otherwise extract again in every worker (issue 16: a
+    "Nanny failed to start" and the script's own lock refusing itself). The workers need nothing from the main
+    module: tasks and plugins reach them through Dask's serialisation, which pickles what the main module defines by
+    value (``distributed.protocol.pickle``). The spec is put back when the last cluster closes; a restarted worker
+    is spawned while it is still set.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._main: Any = None
+        self._saved: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._main = sys.modules.get("__main__")
+                if self._main is not None:
+                    self._saved = self._main.__dict__.get("__spec__")
+                    self._main.__spec__ = importlib.machinery.ModuleSpec("__main__", None)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._main is not None:
+                    self._main.__spec__ = self._saved
+                    self._main = self._saved = None
+
+
+_main_script_hidden = _MainScriptHidden()
+
+#: The module that distributed runs in every worker process of the embedded cluster as it starts (its ``preload``):
+#: :func:`dask_setup` below.
+WORKER_PRELOAD = __name__
+
+
+def dask_setup(worker: Any) -> None:
+    """distributed's preload hook, run in each worker process of the embedded cluster as it starts: ignore SIGINT,
+    and import the model frameworks quietly (:func:`~cnndiff_xr.extraction.backends.quiet_framework_imports`).
+
+    Ctrl-C in a terminal reaches every process of the foreground group, workers included; the process that started
+    the cluster handles it (closing the cluster ends the workers), and a worker interrupted in the middle of a task
+    would only add its own traceback.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_framework_imports()
+
+
 def default_n_workers() -> int:
     """One single-threaded worker process per core."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
@@ -82,8 +186,18 @@ def get_client(
 ) -> Iterator[Client]:
     """Yield a Client: the one given, one connected to a scheduler address, or an embedded LocalCluster.
 
-    Only what this function starts is closed on exit; a Client passed in is left running.
+    Only what this function starts is closed on exit; a Client passed in is left running. The embedded cluster's
+    worker processes do not re-run the main script (see :class:`_MainScriptHidden`) and ignore Ctrl-C (the caller's
+    process closes them). distributed logs nothing short of critical there, not even a failed task's traceback (the
+    task's exception reaches the caller, which says it once), unless :func:`~cnndiff_xr.extraction.backends.verbose`
+    (then warnings and errors too).
+
+    Raises
+    ------
+    RuntimeError
+        Called while a child process re-runs its parent's main script (:func:`refuse_in_starting_child`).
     """
+    refuse_in_starting_child("get_client()")
     if isinstance(client, Client):
         yield client
         return
@@ -104,13 +218,20 @@ def get_client(
                message=f"processes must be True (worker processes) or False (threads), got {processes!r}")
     _check_memory_limit(memory_limit)
     workers = n_workers or default_n_workers()
-    kwargs = {"env": WORKER_ENV} if processes else {}
+    kwargs: dict[str, Any] = {}
+    if processes:
+        kwargs = {"env": worker_environment(),
+                  "preload": [*(dask.config.get("distributed.worker.preload", None) or []), WORKER_PRELOAD]}
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **MALLOC_ENV}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, memory_limit=memory_limit,
-                               dashboard_address=":0", silence_logs=logging.ERROR, **kwargs)
-    with cluster, Client(cluster) as local_client:
-        yield local_client
+    with contextlib.ExitStack() as running:
+        if processes:
+            running.enter_context(_main_script_hidden())
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
+                                   memory_limit=memory_limit, dashboard_address=":0",
+                                   silence_logs=logging.WARNING if verbose() else logging.CRITICAL, **kwargs)
+        with cluster, Client(cluster) as local_client:
+            yield local_client
 
 
 def _check_memory_limit(memory_limit: Any) -> None:

@@ -489,8 +489,9 @@ def files(
         that matches nothing or only folders, a folder without matching files: ``"raise"`` an
         :class:`ImageError` at the first one; ``"collect"`` leave it out and record
         ``(spec, reason)`` in the source's :attr:`ImageSource.problems` (the source may then
-        hold no images). Used by extraction with ``on_error="skip"`` and to name every bad
-        spec at once with ``on_error="raise"``.
+        hold no images). Extraction uses it to name every bad spec at once, and with
+        ``on_error="skip"`` to record the specs it leaves out of a set that names other images
+        (a set that names none is refused).
 
     Returns
     -------

@@ -68,7 +68,7 @@ from ..schema import (
 from ..validation import check_bool
 from . import images
 from . import store as _store
-from .cluster import ModelPlugin, get_client, worker_model
+from .cluster import ModelPlugin, get_client, refuse_in_starting_child, worker_model
 from .config import ExtractionConfig, identity
 from .lock import StoreLock
 
@@ -212,12 +212,30 @@ def _screen_images(client: Client, table: images.ImageTable, on_error: OnError,
     if on_error == "raise":
         listing = "\n".join(f"  {s[SOURCE_COORD]}: {s['reason']}" for s in skipped)
         raise images.ImageError(f"{len(skipped)} image(s) or path(s) cannot be read; nothing was written "
-                                f"(pass on_error='skip' to extract the rest):\n{listing}")
+                                f"(pass on_error='skip' (--on-error skip) to extract the rest):\n{listing}")
     remaining = _drop(table, set(bad))
     if len(remaining) == 0:
         raise images.ImageError("every image was skipped as unreadable (or named nothing); nothing to extract:\n"
                                 + "\n".join(f"  {s[SOURCE_COORD]}: {s['reason']}" for s in skipped))
     return remaining, skipped
+
+
+def _refuse_sets_naming_nothing(table: images.ImageTable) -> None:
+    """Raise, before anything is started or written, for every set whose paths and globs all named no image.
+
+    Whatever ``on_error``: "skip" leaves out unreadable images and paths within a set, but a set that names nothing
+    at all is a mistake in the call (a mistyped glob, a folder not yet copied), not a bad image, and a store without
+    that set would quietly change every analysis of it.
+    """
+    found = set(table.sets)
+    empty = [p for p in table.problems if p["set"] not in found]
+    if empty:
+        listing = "\n".join(f"  set {p['set']!r}: {p['source']}: {p['reason']}" for p in empty)
+        names = list(dict.fromkeys(p["set"] for p in empty))
+        raise images.ImageError(
+            f"{len(names)} image set(s) name no image at all; nothing was written. Fix the path or glob, or leave "
+            f"the set out (on_error='skip' (--on-error skip) leaves out unreadable images, not whole sets):\n"
+            f"{listing}")
 
 
 def _finalise_predictions(url: str, layers: Sequence[str], labels: Sequence[str] | None,
@@ -338,7 +356,8 @@ def extract(
     on_error
         "raise": stop before writing anything, naming every unreadable image and every path or glob that names no
         image; "skip": leave them out and record each one (set, image id, source and reason) in the store's
-        ``skipped_images`` attribute.
+        ``skipped_images`` attribute. Either way, a set whose paths and globs name no image at all is refused before
+        anything starts: a missing set is a mistake in the call, not a bad image.
     compression, compression_level
         Activation codec and its level: "lz4" (default: blosc/lz4 with bit shuffle, level 0..9), "zstd" (level
         0..22), "blosc" (blosc/zstd with bit shuffle, 0..9), "none". Chosen by measurement (benchmarks/RESULTS.md):
@@ -365,10 +384,13 @@ def extract(
     ------
     StoreLockedError
         Another extraction is writing this store.
+    RuntimeError
+        Called while a child process re-runs its parent's main script: the code belongs under
+        ``if __name__ == "__main__":`` (:func:`cnndiff_xr.extraction.cluster.refuse_in_starting_child`).
     StoreError
         The store was made with other settings or images, or ``store`` is something else.
     ImageError
-        Unreadable images with ``on_error="raise"`` (before anything is written).
+        Unreadable images with ``on_error="raise"``, or a set that names no image (before anything is written).
     ExtractionError
         Some batches failed; the others are written, and rerunning finishes the rest.
 
@@ -376,6 +398,7 @@ def extract(
     -------
     The lazy :class:`xarray.DataTree` of the store (and an :class:`ExtractionReport` if ``return_report``).
     """
+    refuse_in_starting_child("extract()")  # before the lock: the parent running this script holds it
     config = ExtractionConfig(
         store=store, storage_options=storage_options, model=model, weights=weights, layers=layers, dtype=dtype,
         batch_size=batch_size, resize=resize, seed=seed, preprocess=preprocess, on_error=on_error,
@@ -384,8 +407,10 @@ def extract(
     )
     check_bool("return_report", return_report, message=f"return_report must be True or False, got {return_report!r}")
     # Paths and globs that name no image are collected, not raised at the first, so that on_error="raise" can name
-    # every bad file and path at once (in _screen_images), and on_error="skip" can record them.
+    # every bad file and path at once (in _screen_images), and on_error="skip" can record them -- unless they leave a
+    # whole set empty, which is refused now.
     table = images.image_table(sets, errors="collect")
+    _refuse_sets_naming_nothing(table)
     with StoreLock(config.store, storage_options=config.storage_options, break_lock=config.break_lock):
         tree, report = _extract_locked(table, config)
     return (tree, report) if return_report else tree
@@ -441,7 +466,7 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
                  progress: bool, skipped: list[dict[str, str]]) -> ExtractionReport:
     """Submit one task per batch not yet complete, wait for all, and report (or raise naming the first failure)."""
     from distributed import as_completed
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm  # a text bar: tqdm.auto warns "IProgress not found" in notebooks without ipywidgets
 
     done = _store.completed(task.store, storage_options=task.storage_options)
     starts = list(range(0, len(table), batch_size))

@@ -16,23 +16,81 @@ needs no change anywhere else. Only a backend module may import its framework, a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.metadata
+import os
 import pkgutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
 from ...options import LAYER_PRESETS, Dtype, LayerPreset
-from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, check_choice
+from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, UnknownLabelError, check_choice
 
 #: What ``layers=`` may be: None (every layer but pure reshapes), a preset name, or layer names in any order.
 Layers = LayerPreset | Sequence[str] | None
 #: ``layers=`` once checked (:func:`check_layer_selection`): the names as a tuple.
 LayerSelection = LayerPreset | tuple[str, ...] | None
+
+#: Set to "1" to let the frameworks log as they do by default (the CLI's ``--verbose`` sets it). Without it, each
+#: backend keeps its framework's start-up and C++ log lines (TensorFlow's "I0000 ... oneDNN custom operations are
+#: on" and the like) off stderr. An environment variable, so that the worker processes this package starts inherit it.
+VERBOSE_ENV = "CNNDIFF_XR_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether framework logging is wanted (:data:`VERBOSE_ENV` set to anything but "" or "0")."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def set_verbose(on: bool) -> None:
+    """Turn framework logging on or off for this process and the worker processes it starts from now on (sets
+    :data:`VERBOSE_ENV`). It cannot unsay what a framework already imported in this process has printed."""
+    os.environ[VERBOSE_ENV] = "1" if on else "0"
+
+
+class UnknownLayerError(UnknownLabelError):
+    """Layer names that the model does not have.
+
+    Attributes
+    ----------
+    unknown
+        The names asked for that the model lacks, in the order given.
+    closest
+        For each unknown name, the model's most similar layer names (possibly none), best first.
+    model
+        The model's name, for messages.
+    """
+
+    def __init__(self, unknown: Sequence[str], available: Sequence[str], model: str) -> None:
+        self.unknown = list(unknown)
+        self.available = list(available)
+        self.closest = {name: closest_names(name, available) for name in self.unknown}
+        self.model = model
+        hints = "; ".join(f"for {name!r} did you mean {' or '.join(map(repr, close))}?"
+                          for name, close in self.closest.items() if close)
+        super().__init__(f"layers: {self.unknown} are not layers of model {model!r}"
+                         f"{f' ({hints})' if hints else ''}; it has {self.available}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its parts, not its message, where it is unpickled
+        return type(self), (self.unknown, self.available, self.model)
+
+
+def closest_names(name: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``candidates`` most similar to ``name`` (difflib's ratio, case-insensitive), best first."""
+    by_lower: dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(candidate.lower(), candidate)
+    return [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)]
 
 
 class ModelBackend(Protocol):
@@ -141,7 +199,15 @@ class Framework:
     make_spec
         Validates the model arguments and returns the :class:`ModelSpec`.
     worker_env
-        Environment variables for the worker processes this package starts (thread pools, log levels).
+        Environment variables for the worker processes this package starts (thread pools).
+    quiet_env
+        Environment variables that keep the framework's own logging quiet; set in the worker processes this package
+        starts unless :func:`verbose` (the backend quiets the processes it imports its framework in itself).
+    modules, quiet_import
+        The framework's top-level modules, and a context manager under which importing them prints no log lines.
+        The backend imports its framework under it; in the worker processes this package starts, every first
+        import of ``modules`` runs under it (:func:`quiet_framework_imports`), since what a task unpickles (a
+        preprocessing function, say) may import the framework before any backend code runs.
     """
 
     name: str
@@ -151,6 +217,9 @@ class Framework:
     handles: Callable[[Any], bool]
     make_spec: SpecFactory
     worker_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    quiet_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    modules: tuple[str, ...] = ()
+    quiet_import: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
     @property
     def accepts(self) -> str:
@@ -176,8 +245,64 @@ def model_names() -> list[str]:
 
 
 def worker_env() -> dict[str, str]:
-    """The environment every backend asks for in the worker processes this package starts."""
-    return {key: value for framework in frameworks() for key, value in framework.worker_env.items()}
+    """The environment every backend asks for in the worker processes this package starts: thread pools, and quiet
+    framework logging unless :func:`verbose` (read now: call it when the workers start)."""
+    quiet = not verbose()
+    return {key: value for framework in frameworks()
+            for key, value in {**framework.worker_env, **(framework.quiet_env if quiet else {})}.items()}
+
+
+def quiet_framework_imports() -> None:
+    """From now on in this process, import each framework's ``modules`` under its ``quiet_import`` (unless
+    :func:`verbose`). Called in the worker processes this package starts, as they start; a user's own process is
+    left alone (only the backends' own imports of a framework are quieted there)."""
+    if verbose() or any(isinstance(finder, _QuietImports) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _QuietImports({name: framework.quiet_import for framework in frameworks()
+                                           for name in framework.modules}))
+
+
+class _QuietImports(importlib.abc.MetaPathFinder):
+    """A finder that finds nothing itself: the modules it names are found by the finders after it, and their
+    loaders wrapped so that executing the module runs under the framework's ``quiet_import``."""
+
+    def __init__(self, quiet: Mapping[str, Callable[[], contextlib.AbstractContextManager[None]]]) -> None:
+        self._quiet = dict(quiet)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        quiet = self._quiet.get(fullname)
+        if quiet is None:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None:  # a namespace package has none, and runs no code
+            spec.loader = _QuietLoader(spec.loader, quiet)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Delegates to ``loader``; executes the module under ``quiet``, with the real loader in its attributes."""
+
+    def __init__(self, loader: Any, quiet: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        self._loader = loader
+        self._quiet = quiet
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        create = getattr(self._loader, "create_module", None)
+        return None if create is None else create(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        with self._quiet():
+            self._loader.exec_module(module)
 
 
 def model_spec(model: Any, *, weights: Any = "imagenet", seed: int = 0,

@@ -10,13 +10,17 @@ themselves are never shipped through Dask's serializer (distributed's Keras seri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import os
+import re
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,8 +29,8 @@ import numpy as np
 
 from ...options import Dtype
 from ...schema import INPUT_LAYER
-from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, UnknownLabelError, check_int
-from . import Framework, Layers, callable_name, check_layer_selection, package_version
+from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, check_int
+from . import Framework, Layers, UnknownLayerError, callable_name, check_layer_selection, package_version, verbose
 
 #: name -> (module under keras.applications, constructor)
 APPLICATIONS: dict[str, tuple[str, str]] = {
@@ -58,9 +62,61 @@ class WeightsUnavailableError(RuntimeError):
     """ImageNet weights are neither in the Keras cache nor downloadable (e.g. an offline machine)."""
 
 
-def _keras() -> Any:
-    import keras
+# TensorFlow's C++ log lines (absl's format: severity letter, MMDD, time, thread id, file:line]), absl's notice that it
+# logs to stderr before being initialised, and the second line of TensorFlow's CPU-instructions notice. Its shared
+# libraries print them while they load, before TF_CPP_MIN_LOG_LEVEL is read ("I0000 ... port.cc:153] oneDNN custom
+# operations are on ..."), so that variable cannot silence them: they are filtered out of stderr during the import.
+TF_LOG_LINE = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] "
+                         r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+                         r"|To enable the following instructions: .*rebuild TensorFlow")
 
+
+@contextlib.contextmanager
+def _stderr_without(pattern: re.Pattern[str]) -> Iterator[None]:
+    """Collect what is written to file descriptor 2 (C libraries and Python alike) while the block runs, then write
+    it back to stderr without the lines that match ``pattern``."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to protect
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            kept = "".join(line for line in text.splitlines(keepends=True) if not pattern.match(line))
+            if kept:
+                os.write(2, kept.encode())
+
+
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    """Import Keras or TensorFlow in the block without their log lines: TF_CPP_MIN_LOG_LEVEL=3 before TensorFlow
+    first loads (unless the environment sets it), its load-time log lines filtered out of stderr, and its Python
+    logger at ERROR afterwards."""
+    for key, value in FRAMEWORK.quiet_env.items():
+        os.environ.setdefault(key, value)
+    with _stderr_without(TF_LOG_LINE):
+        yield
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def _first_import(name: str) -> contextlib.AbstractContextManager[None]:
+    """What to import module ``name`` (``keras`` or ``tensorflow``) under: :func:`quiet_import` the first time, unless
+    :func:`~cnndiff_xr.extraction.backends.verbose`."""
+    return contextlib.nullcontext() if name in sys.modules or verbose() else quiet_import()
+
+
+def _keras() -> Any:
+    with _first_import("keras"):
+        import keras
     return keras
 
 
@@ -213,9 +269,10 @@ class KerasModelSpec:
             except Exception as err:  # keras raises a bare Exception on a failed download
                 raise WeightsUnavailableError(
                     f"ImageNet weights for model={self.name!r} are not in the Keras cache ({keras_cache_dir()}) and "
-                    f"could not be downloaded ({err}). Alternatives: weights=None (random weights, seeded by "
-                    "seed=...), weights='/path/to/weights.h5' (a local file, e.g. the keras-applications release "
-                    f"file copied from a machine with internet), or copy that file into {keras_cache_dir()}."
+                    f"could not be downloaded ({err}). Alternatives: weights=None (--weights random; random "
+                    "weights, seeded by seed=... / --seed N), weights='/path/to/weights.h5' (--weights "
+                    "/path/to/weights.h5: a local file, e.g. the keras-applications release file copied from a "
+                    f"machine with internet), or copy that file into {keras_cache_dir()}."
                 ) from err
         if not os.path.isfile(self.weights):
             raise FileNotFoundError(
@@ -300,7 +357,7 @@ def resolve_layers(model: Any, layers: Any) -> list[str]:
             raise ParameterValueError(f"layers lists {duplicates} more than once")
         unknown = [n for n in requested if n not in store_names]
         if unknown:
-            raise UnknownLabelError(f"layers: {unknown} are not layers of model {model.name!r}; it has {store_names}")
+            raise UnknownLayerError(unknown, store_names, model.name)
         chosen = [n for n in store_names if n in set(requested)]  # network order
     for name in chosen:
         rank = len(model_layers[store_names.index(name)].output.shape)
@@ -421,7 +478,8 @@ def set_tf_threads(intra_op: int = 1, inter_op: int = 1) -> None:
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(intra_op))
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(inter_op))
     try:
-        import tensorflow as tf
+        with _first_import("tensorflow"):
+            import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(intra_op)
         tf.config.threading.set_inter_op_parallelism_threads(inter_op)
@@ -450,6 +508,11 @@ FRAMEWORK = Framework(
     handles=handles,
     make_spec=make_spec,
     # one TF thread per Dask worker thread, so that two workers on two cores do not each start a pool as wide as the
-    # machine and thrash; and TensorFlow's C++ info logs off
-    worker_env={"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+    # machine and thrash
+    worker_env={"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"},
+    # TensorFlow's C++ logging off, errors included: a newcomer takes "E0000 ... oneDNN supports DT_HALF only on
+    # platforms with AVX-512" for a failure, and TensorFlow's real errors reach the caller as exceptions anyway
+    quiet_env={"TF_CPP_MIN_LOG_LEVEL": "3"},
+    modules=("keras", "tensorflow"),
+    quiet_import=quiet_import,
 )
