@@ -119,7 +119,7 @@ class _MainScriptHidden:
     main module's ``__spec__`` is None (``python script.py``), by name otherwise, but not when that name is
     ``__main__`` or ends in ``.__main__`` (``multiprocessing.spawn.get_preparation_data`` and
     ``_fixup_main_from_name``). A script that calls :func:`~cnndiff_xr.extraction.run.extract` at its top level
-    without an ``if __name__ == "__main__":`` guard would otherwise extract again in every worker (issue 16: a
+    without an ``if __name__ == "__main__":`` guard would otherwise extract again in every worker (seen as
     "Nanny failed to start" and the script's own lock refusing itself). The workers need nothing from the main
     module: tasks and plugins reach them through Dask's serialisation, which pickles what the main module defines by
     value (``distributed.protocol.pickle``). The spec is put back when the last cluster closes; a restarted worker
