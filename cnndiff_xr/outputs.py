@@ -26,6 +26,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .extraction.lock import pid_alive
+
 __all__ = ["FolderManifest", "OutputExistsError", "OutputFolderError", "place_files", "staging_folder", "taken"]
 
 #: How many offending paths a refusal names before it says "and N more".
@@ -51,16 +53,6 @@ def _signature(path: Path) -> list[int]:
     """Size and modification time: what tells a file the job wrote from the same name changed since."""
     st = path.lstat()
     return [st.st_size, st.st_mtime_ns]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists, owned by another user
-        return True
-    return True
 
 
 def _files_under(folder: Path, entry: str) -> list[str]:
@@ -164,7 +156,7 @@ class FolderManifest:
                 f"cannot tell its files from yours in {self.folder}. {remedy}".strip()) from None
         if isinstance(running, Mapping) and running.get("host") == socket.gethostname() \
                 and isinstance(running.get("pid"), int) and running["pid"] != os.getpid() \
-                and _pid_alive(running["pid"]):
+                and pid_alive(running["pid"]):
             raise OutputFolderError(
                 f"{self.job} (pid {running['pid']}) is writing into {self.folder} now; wait for it to finish, or "
                 f"stop it. {remedy}".strip())

@@ -68,7 +68,8 @@ def read_lock(url: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     return record
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is alive (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +87,7 @@ def _stale_reason(record: Mapping[str, Any], stale_after: float, now: float | No
     """Why a lock record is stale, or None if its holder may still be running."""
     now = time.time() if now is None else now
     pid, host = record.get("pid"), record.get("host")
-    if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+    if host == socket.gethostname() and isinstance(pid, int) and not pid_alive(pid):
         return f"its process {pid} on this host ({host}) is no longer running"
     beat = record.get("heartbeat")
     if isinstance(beat, (int, float)) and now - beat > stale_after:
