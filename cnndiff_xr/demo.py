@@ -149,7 +149,7 @@ def run_demo(
         raise ValueError(f"n_images must be an int >= 3 (images per set), got {n_images!r}")
     if n_images > len(PHOTOS):
         raise ValueError(f"n_images={n_images}: the demo has {len(PHOTOS)} bundled photographs per set at most")
-    out = Path(out)
+    out = Path(out).absolute()  # the manifest and the workers take paths relative to the folder, or absolute
     manifest = claim_folder(out)  # before any work: a refused folder costs nothing
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     t_start = time.perf_counter()

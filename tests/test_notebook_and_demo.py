@@ -65,9 +65,10 @@ def test_demo_runs_offline_with_random_weights(tmp_path):
     out = tmp_path / "demo"
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2",
            "KERAS_HOME": str(tmp_path / "keras")}  # an empty Keras cache: no ImageNet weights
-    proc = subprocess.run([str(Path(sys.executable).with_name("cnndiff")), "demo", "--out", str(out), "--n-images",
+    # --out relative to the working directory, as the README's `cnndiff demo` (default: cnndiff-demo) is run
+    proc = subprocess.run([str(Path(sys.executable).with_name("cnndiff")), "demo", "--out", "demo", "--n-images",
                            "3", "--resamples", "2", "--workers", "2"], capture_output=True, text=True, env=env,
-                          timeout=900)
+                          timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RANDOM" in proc.stderr  # said loudly on the console
     report = (out / "report.txt").read_text()
