@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -203,6 +204,14 @@ def draw_table(
     return DrawTable(layer.name, layer.feature_shape, unit_type, seed, filter_axis, tuple(reps), index, n_used)
 
 
+def check_single_draw(n_units: Any, unit_type: Any, seed: Any, resample: Any) -> tuple[int, int, int]:
+    """The options of one draw (:func:`select_units`, :func:`~cnndiff_xr.rdm`, :func:`~cnndiff_xr.rdm_regression`),
+    checked: ``(n_units, seed, resample)`` as ints; ``unit_type`` must be one of :data:`UNIT_TYPES`."""
+    (n,) = check_n_units(n_units)
+    check_choice("unit_type", unit_type, UNIT_TYPES)
+    return n, check_count("seed", seed, 0), check_count("resample", resample, 0)
+
+
 @dataclass(frozen=True)
 class UnitPlan:
     """Concrete units of every distinct draw (per group for ``"top"``) and their union.
@@ -360,10 +369,7 @@ def select_units(
     """
     coll = as_collection(obj, sample_dim=sample_dim, set_coord=set_coord)
     data = coll.single_layer(layer)
-    (n,) = check_n_units(n_units)
-    check_choice("unit_type", unit_type, UNIT_TYPES)
-    seed = check_count("seed", seed, 0)
-    resample = check_count("resample", resample, 0)
+    n, seed, resample = check_single_draw(n_units, unit_type, seed, resample)
     table = draw_table(data, (n,), [resample], unit_type=unit_type, seed=seed, filter_dim=filter_dim)
     n_used = table.n_used[0]
     shape = data.feature_shape

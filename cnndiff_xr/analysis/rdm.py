@@ -8,12 +8,12 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from ..options import CONSTANT_POLICIES, UNIT_TYPES, ConstantPolicy, Metric, Norm, UnitType
+from ..options import CONSTANT_POLICIES, ConstantPolicy, Metric, Norm, UnitType
 from ..schema import FILTER_DIM, IMAGE_DIM, SET_COORD
-from ..validation import ParameterValueError, check_choice, check_count, check_n_units
+from ..validation import ParameterValueError, check_choice, check_count
 from .blocks import BlockPair, GroupStats, OneBlock, RowBlock, build_groups, iter_distance_blocks, one_block_distances
 from .collection import as_collection
-from .draws import UnitPlan, draw_table
+from .draws import UnitPlan, check_single_draw, draw_table
 from .graph import GraphBuilder
 from .metrics import distance_spec
 
@@ -78,10 +78,7 @@ def rdm(
     """
     spec = distance_spec(norm, metric)
     check_choice("constant", constant, CONSTANT_POLICIES)
-    check_choice("unit_type", unit_type, UNIT_TYPES)
-    (n,) = check_n_units(n_units)
-    seed = check_count("seed", seed, 0)
-    resample = check_count("resample", resample, 0)
+    n, seed, resample = check_single_draw(n_units, unit_type, seed, resample)
     coll = as_collection(tree, sample_dim=sample_dim, set_coord=set_coord)
     data = coll.single_layer(layer)
     rows = coll.selected_rows(sets)

@@ -9,12 +9,12 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
-from ..options import CONSTANT_POLICIES, UNIT_TYPES, ConstantPolicy, Metric, Norm, UnitType
+from ..options import CONSTANT_POLICIES, ConstantPolicy, Metric, Norm, UnitType
 from ..schema import FILTER_DIM, IMAGE_DIM, INPUT_LAYER, SET_COORD
-from ..validation import ParameterValueError, UnknownLabelError, check_choice, check_count, check_n_units
+from ..validation import ParameterValueError, UnknownLabelError, check_choice, check_count
 from .blocks import BlockPair, GroupStats, RowBlock, auto_block_size, build_groups, iter_distance_blocks, upper_values
 from .collection import as_collection
-from .draws import draw_table
+from .draws import check_single_draw, draw_table
 from .graph import GraphBuilder, Key, sum_parts
 from .metrics import distance_spec
 from .results import check_dim, one_chunk
@@ -153,10 +153,7 @@ def rdm_regression(
     """
     spec = distance_spec(norm, metric)
     check_choice("constant", constant, CONSTANT_POLICIES)
-    check_choice("unit_type", unit_type, UNIT_TYPES)
-    (n,) = check_n_units(n_units)
-    seed = check_count("seed", seed, 0)
-    resample = check_count("resample", resample, 0)
+    n, seed, resample = check_single_draw(n_units, unit_type, seed, resample)
     coll = as_collection(tree, sample_dim=sample_dim, set_coord=set_coord)
     layer_names = coll.layer_names(layers)
     source = _input_layer(list(coll.layers), input_layer)
