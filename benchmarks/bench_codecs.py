@@ -48,7 +48,7 @@ def main() -> None:
         paths = sorted(p for f in folders.values() for p in Path(f).glob("*.png"))[: args.images]
         extractor = model_spec("vgg16", weights=None).backend(None)
         rgb = images.load_batch([images.FileRef(str(p)) for p in paths], extractor.input_size)
-        acts, _ = extractor.run(rgb)
+        acts = extractor.run(rgb).activations
     import zarr
 
     for dtype in ("float32", "float16"):

@@ -42,7 +42,7 @@ def bare_forward(image_paths: list, batch_size: int, repeats: int = 1) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         for start in range(0, len(rgb), batch_size):
-            outs, _ = extractor.run(rgb[start:start + batch_size])
+            outs = extractor.run(rgb[start:start + batch_size]).activations
             del outs
         best = min(best, time.perf_counter() - t0)
     return len(rgb) / best

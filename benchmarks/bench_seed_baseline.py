@@ -39,7 +39,7 @@ def seed_style(n: int, n_units: list[int]) -> dict:
     refs = [r for _, _, r in cx.images.white_noise(n, seed=0).entries()]
     activations = [[] for _ in extractor.layers]
     for start in range(0, n, 8):  # the seed kept every layer of every image in one Python object
-        outs, _ = extractor.run(images.load_batch(refs[start:start + 8], extractor.input_size))
+        outs = extractor.run(images.load_batch(refs[start:start + 8], extractor.input_size)).activations
         for k, name in enumerate(extractor.layers):
             activations[k].append(outs[name])
     activations = [np.concatenate(a).reshape(n, -1) for a in activations]

@@ -21,8 +21,10 @@ from .analysis.summaries import filter_means, layer_means
 from .extraction import images, store
 from .extraction.run import extract
 from .extraction.store import open_activations, select
+from .sampling import UnitDraws
 
 __all__ = [
+    "UnitDraws",
     "__version__",
     "differentiation",
     "extract",

@@ -9,7 +9,11 @@
     /<layer>          ACTIVATION (image, y, x, filter) or (image, filter); coords FILTER_DIM, Y_DIM, X_DIM,
                       LABEL_COORD (class labels of an ImageNet head) and, repeated because xarray inherits only
                       indexed coordinates, the image coordinates SET_COORD, SOURCE_COORD, PREDICTION_COORDS;
-                      a float16 ACTIVATION carries FLOAT16_DECODING (see there) and no CF_FILL_VALUE attribute
+                      a float16 ACTIVATION carries FLOAT16_DECODING (see there) and no CF_FILL_VALUE attribute.
+                      In a reduced store (root UNIT_DRAWS_ATTR) a layer larger than the biggest registered n_units
+                      is ACTIVATION (image, UNIT_DIM) instead, with coords FLAT_INDEX, Y_DIM, X_DIM, FILTER_DIM
+                      along UNIT_DIM and attrs LAYER_SHAPE_ATTR, LAYER_DIMS_ATTR
+    /<layer>/MEANS_GROUP   (root FILTER_MEANS_ATTR true) FILTER_MEAN (image, filter), LAYER_MEAN, LAYER_CSS (image)
 
 The module imports nothing from the package.
 """
@@ -26,6 +30,12 @@ FORMAT_ATTR = "format"
 LAYERS_ATTR = "layers"
 STORE_ID_ATTR = "store_id"
 SKIPPED_ATTR = "skipped_images"
+#: the draws registered for a reduced store (``sampling.UnitDraws.to_attrs()``); absent or null in a full store
+UNIT_DRAWS_ATTR = "unit_draws"
+#: set while new images are being appended (the old image count): a rerun that finds it redoes the append
+APPENDING_ATTR = "appending_from"
+#: whether every layer carries the spatial means computed at extraction (the MEANS_GROUP subgroup)
+FILTER_MEANS_ATTR = "filter_means"
 
 # ---- dimensions and coordinates
 IMAGE_DIM = "image"
@@ -40,6 +50,23 @@ PREDICTED_CLASS = "predicted_class"
 PREDICTED_LABEL = "predicted_label"
 PREDICTED_PROBABILITY = "predicted_probability"
 PREDICTION_COORDS = (PREDICTED_CLASS, PREDICTED_LABEL, PREDICTED_PROBABILITY)
+#: sha256 of every image's content (file bytes; array bytes for arrays and movie frames; generator and parameters for
+#: noise): a rerun whose images changed under the same id is refused
+SHA256_COORD = "sha256"
+
+# ---- reduced layers: ACTIVATION (IMAGE_DIM, UNIT_DIM), one column per kept unit
+UNIT_DIM = "unit"
+#: C-order position of each kept unit in the layer's full (y, x, filter) or (filter,) output, sorted ascending
+FLAT_INDEX = "flat_index"
+#: activation attributes of a reduced layer: the full per-image shape and its dimension names
+LAYER_SHAPE_ATTR = "layer_shape"
+LAYER_DIMS_ATTR = "layer_dims"
+
+# ---- spatial means computed at extraction: the subgroup /<layer>/MEANS_GROUP
+MEANS_GROUP = "filter_means"
+FILTER_MEAN = "filter_mean"  # (IMAGE_DIM, FILTER_DIM) float32: mean over (y, x) of every filter
+LAYER_MEAN = "layer_mean"  # (IMAGE_DIM,) float64: mean over all units of the layer
+LAYER_CSS = "layer_css"  # (IMAGE_DIM,) float64: centred sum of squares over all units of the layer
 
 # ---- variables
 ACTIVATION = "activation"
@@ -74,3 +101,8 @@ def layer_dims(shape: Sequence[int]) -> tuple[str, ...]:
 def activation_path(layer: str) -> str:
     """The Zarr path of a layer's activation array."""
     return f"{layer}/{ACTIVATION}"
+
+
+def means_path(layer: str, name: str = "") -> str:
+    """The Zarr path of a layer's means subgroup, or of array ``name`` in it."""
+    return f"{layer}/{MEANS_GROUP}" + (f"/{name}" if name else "")

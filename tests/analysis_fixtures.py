@@ -123,6 +123,72 @@ def make_tree(
     return xr.DataTree.from_dict(nodes), raw
 
 
+def reduce_tree(full_tree: xr.DataTree, draws: Any, filter_means: bool = True) -> xr.DataTree:
+    """The tree of a reduced store made from a full one, per the layout of ``cnndiff_xr/schema.py``.
+
+    ``draws``: a ``cnndiff_xr.sampling.UnitDraws`` (None: keep every layer whole, i.e. a full store with filter
+    means). A layer larger than the biggest registered ``n_units`` keeps only the columns
+    ``draws.kept_units(layer, shape, filter_axis=-1)`` as ``activation (image, unit)`` (same dtype, chunked
+    ``(chunk, n_kept)`` like the full layer along images), with coordinates ``flat_index`` and the unit's
+    ``y``/``x``/``filter`` positions along ``unit`` and attributes ``layer_shape``/``layer_dims``; other layers are
+    kept as they are. With ``filter_means``, every layer gets the subgroup ``filter_means`` (``filter_mean`` float32,
+    ``layer_mean`` and ``layer_css`` float64, computed plainly with numpy from the stored values). The root records
+    the registration and ``filter_means``. Values are copied out of the full tree (read once, in memory), so the
+    reduced tree reads nothing of the full one.
+    """
+    from dask.base import tokenize
+
+    from cnndiff_xr import schema
+
+    root = full_tree.to_dataset(inherit=False)
+    root = root.assign_attrs({schema.UNIT_DRAWS_ATTR: None if draws is None else draws.to_attrs(),
+                              schema.FILTER_MEANS_ATTR: bool(filter_means)})
+    nodes: dict[str, xr.Dataset] = {"/": root}
+    for name, child in full_tree.children.items():
+        ds = child.to_dataset(inherit=False)
+        nodes[f"/{name}"] = ds
+        if schema.ACTIVATION not in ds.data_vars:
+            continue
+        act = ds[schema.ACTIVATION]
+        shape, dims = tuple(int(s) for s in act.shape[1:]), tuple(str(d) for d in act.dims[1:])
+        values = np.asarray(act.values)
+        n = values.shape[0]
+        chunks = act.data.chunks[0] if isinstance(act.data, da.Array) else (n,)
+        kept = None if draws is None else draws.kept_units(name, shape, filter_axis=-1)
+        if kept is not None:
+            columns = values.reshape(n, -1)[:, kept]
+            source = act.data.name if isinstance(act.data, da.Array) else values
+            data = da.from_array(columns, chunks=(chunks, kept.size), name=f"reduced-{name}-{tokenize(source, kept)}")
+            positions = np.unravel_index(kept, shape)
+            unit_coords = {
+                dim: (schema.UNIT_DIM, positions[axis].astype(ds[dim].dtype if dim in ds.coords else np.int32))
+                for axis, dim in enumerate(dims)
+            }
+            image_coords = {k: v for k, v in ds.coords.items() if v.dims == (schema.IMAGE_DIM,)}
+            attrs = {**act.attrs, "layer": name, schema.LAYER_SHAPE_ATTR: list(shape),
+                     schema.LAYER_DIMS_ATTR: list(dims)}
+            nodes[f"/{name}"] = xr.Dataset(
+                {schema.ACTIVATION: ((schema.IMAGE_DIM, schema.UNIT_DIM), data, attrs)},
+                coords={**image_coords, schema.FLAT_INDEX: (schema.UNIT_DIM, kept), **unit_coords},
+                attrs=ds.attrs,
+            )
+        if filter_means:
+            x = values.astype(np.float64).reshape(n, -1, shape[-1])
+            flat = x.reshape(n, -1)
+            layer_mean = flat.mean(axis=1)
+            means = {
+                schema.FILTER_MEAN: ((schema.IMAGE_DIM, schema.FILTER_DIM), x.mean(axis=1).astype(np.float32)),
+                schema.LAYER_MEAN: ((schema.IMAGE_DIM,), layer_mean),
+                schema.LAYER_CSS: ((schema.IMAGE_DIM,), ((flat - layer_mean[:, None]) ** 2).sum(axis=1)),
+            }
+            filters = ds[schema.FILTER_DIM].values if schema.FILTER_DIM in ds.coords else np.arange(shape[-1])
+            nodes[f"/{name}/{schema.MEANS_GROUP}"] = xr.Dataset(
+                {k: (d, da.from_array(v, chunks=(chunks,) + v.shape[1:])) for k, (d, v) in means.items()},
+                coords={schema.FILTER_DIM: filters},
+            )
+    return xr.DataTree.from_dict(nodes)
+
+
 def make_recording(n_states: int = 30, seed: int = 1) -> xr.DataArray:
     """A neurophysiology-like array: spectral state vectors ``(state, unit, frequency)``."""
     rng = np.random.default_rng(seed)

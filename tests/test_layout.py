@@ -1,6 +1,7 @@
 """The package's layering (docs/architecture.md): data flows one way, and no module reaches back up.
 
-    validation, schema           (import nothing from the package)
+    validation, schema, options  (import nothing from the package)
+    sampling                     (the unit draws both halves use: imports only the bottom layer)
     extraction/  analysis/       (the two halves: each imports only the bottom layer, never the other half)
     plot, demo, cli              (on top)
 
@@ -60,9 +61,18 @@ def test_extraction_imports_neither_analysis_nor_the_top(path):
     assert not _reaches(path, forbidden)
 
 
-@pytest.mark.parametrize("name", ["validation.py", "schema.py"])
+@pytest.mark.parametrize("name", ["validation.py", "schema.py", "options.py"])
 def test_the_bottom_layer_imports_nothing_from_the_package(name):
     assert not _reaches(PACKAGE / name, {"cnndiff_xr"})
+
+
+def test_the_shared_draws_import_only_the_bottom_layer():
+    # extraction keeps the units that the analysis will draw: one draw function below both halves
+    reached = _reaches(PACKAGE / "sampling.py", {"cnndiff_xr"})
+    assert reached <= {"cnndiff_xr.options", "cnndiff_xr.validation", "cnndiff_xr.options.UNIT_TYPES",
+                       "cnndiff_xr.options.UnitType"} | {f"cnndiff_xr.validation.{n}" for n in (
+                           "ParameterTypeError", "ParameterValueError", "check_choice", "check_count", "check_int",
+                           "check_n_units")}, reached
 
 
 def test_only_the_keras_backend_imports_keras_or_tensorflow():

@@ -9,6 +9,8 @@ untested):
   noise images would also write ~2.5 GB;
 * ``"tcp://scheduler:8786"`` -> the address of a real ``dask scheduler`` with two ``dask worker`` processes started here
   (``real_cluster.ProcessCluster``, working in the script's folder, so that relative store paths mean the same there);
+* the reduced-store block gets the first two as well, and its differentiation must equal the ten lines' (the same
+  images, layers and draws: a reduced store gives a full store's numbers bit for bit);
 * the object-storage block gets ``weights=None`` too (it takes the default, ImageNet), and runs against a real S3
   server (moto's, on loopback) whose bucket ``lab-bucket`` holds ``cats/*.jpg``; the script and the workers get its
   address and credentials through the environment, as the README says.
@@ -78,6 +80,8 @@ def _check(facts: str, *, guarded: bool) -> str:
 
 
 def _kind(block: str) -> str:
+    if "cx.UnitDraws(" in block:
+        return "reduced"
     if "cx.extract(" in block and "white_noise" in block:
         return "ten_lines"
     if "xr.open_datatree" in block:
@@ -93,6 +97,9 @@ FACTS = {
                  '"conv": dict(conv.sizes), "n_images": int(tree.sizes["image"])}',
     "plain_xarray": '{"block": "plain_xarray", "cats": int(cats.sizes["image"]), '
                     '"means": [str(image_means.dtype), int(image_means.sizes["image"])]}',
+    # the reduced store's differentiation is the full store's of the ten lines (same images, layers, draws), bit for bit
+    "reduced": '{"block": "reduced", "same_as_full": bool((d_small == d).all()), "d": dict(d_small.sizes), '
+               '"heat_layers": len(heat.children), "unit_dims": list(small["block1_conv1"]["activation"].dims)}',
     "object_storage": '{"block": "object_storage", "layers": len(tree.attrs["layers"]), "d": dict(d.sizes)}',
 }
 
@@ -181,6 +188,7 @@ def test_readme_python_blocks_run_as_one_script(readme_world):
         "ten_lines": [(r'weights="imagenet"', "weights=None"),
                       (r"white_noise\(43, ", f"white_noise({N_NOISE}, "),
                       (r'"tcp://scheduler:8786"', repr(address))],
+        "reduced": [(r'weights="imagenet"', "weights=None"), (r"white_noise\(43, ", f"white_noise({N_NOISE}, ")],
         "object_storage": [(r'client="tcp://scheduler:8786"\)', f"client={address!r}, weights=None)")],
     }
     parts = ["import json\n"]
@@ -202,6 +210,9 @@ def test_readme_python_blocks_run_as_one_script(readme_world):
     if "plain_xarray" in by_block:
         assert by_block["plain_xarray"] == {"block": "plain_xarray", "cats": N_CATS,
                                             "means": ["float32", N_NOISE + N_CATS]}
+    reduced = by_block["reduced"]  # the reduced store: the same numbers as the full store of the ten lines
+    assert reduced == {"block": "reduced", "same_as_full": True, "d": ten["d"], "heat_layers": 21,
+                       "unit_dims": ["image", "unit"]}
     s3 = by_block["object_storage"]
     assert s3["layers"] == 22 and s3["d"]["set"] == 1  # VGG16's default layers: all but flatten
     assert cx.open_activations(str(root / "acts.zarr")).cnndiff.complete

@@ -181,15 +181,18 @@ class GroupBlocks:
 
 # --------------------------------------------------------------------------- gathering and row blocks
 def _gather(block: np.ndarray, local_rows: np.ndarray, plan: UnitPlan, _check: None = None) -> np.ndarray:
-    """Read one image chunk once: the union of every draw's units for the selected images."""
+    """Read one image chunk once: the union of every draw's units for the selected images.
+
+    The chunk's columns ``plan.read`` hold the union: the union itself for a whole layer, its positions among the
+    stored units for a reduced layer, so both give the same gathered matrix."""
     flat = np.asarray(block).reshape(block.shape[0], -1)
     if local_rows.size != flat.shape[0] or np.any(local_rows != np.arange(flat.shape[0])):
         flat = flat[local_rows]
-    if plan.union.size == flat.shape[1]:
+    if plan.read.size == flat.shape[1]:
         return flat
     # np.take keeps rows C-ordered; flat[:, union] comes out column-major, and every later
     # row-wise pass over it (concatenating, taking each draw) would stride through memory
-    return np.take(flat, plan.union, axis=1, mode="clip")
+    return np.take(flat, plan.read, axis=1, mode="clip")
 
 
 def _gather_in_read(block: np.ndarray, plan: UnitPlan, _check: None, selected: np.ndarray,

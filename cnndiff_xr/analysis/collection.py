@@ -5,6 +5,12 @@
 :class:`Collection`, chunked along the sample dimension only. A store is read through the names of
 :mod:`cnndiff_xr.schema` alone; its ``completed`` record guards every analysis against unfinished images
 (:func:`completed_check`, :func:`completed_flags`, :func:`refuse_incomplete`).
+
+A *reduced* layer (a store extracted with registered unit draws, ``schema.py``) is stored as ``(image, unit)``: only
+the units its draws select, with their flat indices. Its :class:`LayerData` still describes the logical layer
+(``feature_shape``, ``feature_dims``, ``size`` are those of the full layer, which is what draws are computed from)
+and carries what it stores (:class:`StoredUnits`), the registration (:class:`~cnndiff_xr.sampling.UnitDraws`) and,
+when extracted with filter means, the layer's means subgroup.
 """
 
 from __future__ import annotations
@@ -19,17 +25,32 @@ import numpy as np
 import xarray as xr
 from dask.delayed import Delayed
 
-from ..schema import ACTIVATION, COMPLETED, IMAGE_DIM, LAYERS_ATTR, SET_COORD
+from ..sampling import UnitDraws
+from ..schema import (
+    ACTIVATION,
+    COMPLETED,
+    FLAT_INDEX,
+    IMAGE_DIM,
+    LAYER_DIMS_ATTR,
+    LAYER_SHAPE_ATTR,
+    LAYERS_ATTR,
+    MEANS_GROUP,
+    SET_COORD,
+    UNIT_DIM,
+    UNIT_DRAWS_ATTR,
+)
 from ..validation import ParameterTypeError, ParameterValueError, UnknownLabelError
 
 __all__ = [
     "ALL_SAMPLES",
     "Collection",
     "LayerData",
+    "StoredUnits",
     "as_collection",
     "completed_check",
     "completed_flags",
     "refuse_incomplete",
+    "stored_columns",
 ]
 
 #: name given to the single group of samples when the data carry no set coordinate
@@ -38,12 +59,49 @@ ALL_SAMPLES = "all"
 _SAMPLE_CHUNK_BYTES = 64 * 2**20
 
 
+@dataclass(frozen=True, eq=False)
+class StoredUnits:
+    """What a reduced layer stores: the columns of its ``(sample, unit)`` array are the units ``flat_index`` (sorted
+    C-order positions) of a logical layer of per-sample ``shape`` with feature dims ``dims``."""
+
+    flat_index: np.ndarray  # int64, sorted
+    shape: tuple[int, ...]
+    dims: tuple[str, ...]
+
+
+def stored_columns(flat_index: np.ndarray, units: np.ndarray, layer: str) -> np.ndarray:
+    """The columns of a reduced layer (stored units ``flat_index``) that hold the sorted logical flat indices
+    ``units``; raises a ``ValueError`` naming the units that are not stored: the safety net behind the refusal of
+    unregistered draws (:func:`~cnndiff_xr.analysis.draws.draw_table`)."""
+    columns = np.searchsorted(flat_index, units)
+    held = columns < flat_index.size
+    held[held] = flat_index[columns[held]] == units[held]
+    if not held.all():
+        missing = np.asarray(units)[~held]
+        raise ValueError(
+            f"layer {layer!r}: {missing.size} drawn unit(s) are not among the {flat_index.size} units the store keeps "
+            f"(e.g. flat indices {missing[:5].tolist()}); the draw is not one the store registered (n_units, "
+            "resample, seed, unit_type and the filter dimension must be those of the extraction). Analyse a full "
+            "store for other draws"
+        )
+    return columns.astype(np.int64)
+
+
 @dataclass(frozen=True)
 class LayerData:
-    """One layer as ``(sample, *features)``, dask-backed, one chunk along every feature dim."""
+    """One layer as ``(sample, *features)``, dask-backed, one chunk along every feature dim.
+
+    A reduced layer's ``array`` is ``(sample, unit)``, its columns the units of ``stored``; ``feature_shape``,
+    ``feature_dims`` and ``size`` describe the logical (full) layer either way, so that draws are computed as on a
+    full store. ``draws``: the store's registration (None for a full store or plain data); ``means``: the layer's
+    means subgroup (``schema.MEANS_GROUP``, lazy) when the store has one.
+    """
 
     name: str
     array: xr.DataArray
+    stored: StoredUnits | None = None
+    draws: UnitDraws | None = None
+    means: xr.Dataset | None = None
 
     @property
     def data(self) -> da.Array:
@@ -51,22 +109,48 @@ class LayerData:
         return data
 
     @property
+    def reduced(self) -> bool:
+        """Whether only some units of the layer are stored (the units of the registered draws)."""
+        return self.stored is not None
+
+    @property
+    def flat_index(self) -> np.ndarray | None:
+        """The stored units' flat indices of a reduced layer; None when the layer is whole."""
+        return None if self.stored is None else self.stored.flat_index
+
+    @property
     def feature_dims(self) -> tuple[str, ...]:
+        if self.stored is not None:
+            return self.stored.dims
         return tuple(str(d) for d in self.array.dims[1:])
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
+        if self.stored is not None:
+            return self.stored.shape
         return tuple(int(s) for s in self.array.shape[1:])
 
     @property
     def size(self) -> int:
-        """Units per sample."""
+        """Units per sample (of the logical layer)."""
         return int(np.prod(self.feature_shape))
 
     def filter_axis(self, filter_dim: str) -> int | None:
         """Axis of ``filter_dim`` among the feature dims (``None`` without one)."""
         dims = self.feature_dims
         return dims.index(filter_dim) if filter_dim in dims else None
+
+    def labels(self, axis: int) -> np.ndarray:
+        """Labels of feature axis ``axis`` (its coordinate, else ``0..n-1``; a reduced layer's are ``0..n-1``, as a
+        store's ``y``, ``x`` and ``filter``)."""
+        dim = self.feature_dims[axis]
+        if self.stored is None and dim in self.array.coords:
+            return np.asarray(self.array[dim].values)
+        if self.stored is None:
+            return np.arange(self.feature_shape[axis])
+        # a reduced layer's coordinate of that name holds each stored unit's position: its dtype is the labels'
+        dtype = self.array[dim].dtype if dim in self.array.coords else np.dtype(np.int64)
+        return np.arange(self.feature_shape[axis], dtype=dtype)
 
     def block_bounds(self) -> np.ndarray:
         """First sample of every chunk, and the sample count: ``(chunks + 1,)`` int64."""
@@ -144,7 +228,34 @@ class Collection:
         return self.completed
 
 
-def _as_layer(array: xr.DataArray, name: str, sample_dim: str) -> LayerData:
+def _stored_units(array: xr.DataArray, name: str, sample_dim: str) -> StoredUnits | None:
+    """A reduced layer's :class:`StoredUnits`: an array ``(sample, unit)`` with a flat-index coordinate along
+    ``unit`` and the logical layer's shape and dims as attributes; None for any other array."""
+    if set(array.dims) != {sample_dim, UNIT_DIM} or LAYER_SHAPE_ATTR not in array.attrs:
+        return None
+    if LAYER_DIMS_ATTR not in array.attrs or FLAT_INDEX not in array.coords or array[FLAT_INDEX].dims != (UNIT_DIM,):
+        raise ValueError(
+            f"layer {name!r} is stored reduced ({sample_dim}, {UNIT_DIM}) with attribute {LAYER_SHAPE_ATTR!r} but "
+            f"lacks attribute {LAYER_DIMS_ATTR!r} or coordinate {FLAT_INDEX!r} along {UNIT_DIM!r}: the store is "
+            "damaged or was not written by cnndiff_xr; re-extract it"
+        )
+    flat = array[FLAT_INDEX].variable
+    if isinstance(flat.data, da.Array):  # a store opened lazily: read the small index here, in this process
+        (flat,) = dask.compute(flat, scheduler="synchronous")
+    shape = tuple(int(s) for s in array.attrs[LAYER_SHAPE_ATTR])
+    dims = tuple(str(d) for d in array.attrs[LAYER_DIMS_ATTR])
+    flat_index = np.asarray(flat.values, dtype=np.int64)
+    if len(shape) != len(dims) or (flat_index.size and (np.any(np.diff(flat_index) <= 0) or flat_index[0] < 0
+                                                         or flat_index[-1] >= int(np.prod(shape)))):
+        raise ValueError(
+            f"layer {name!r}: {FLAT_INDEX!r} must be sorted unique indices into a layer of shape {shape} with dims "
+            f"{dims}; the store is damaged or was not written by cnndiff_xr"
+        )
+    return StoredUnits(flat_index, shape, dims)
+
+
+def _as_layer(array: xr.DataArray, name: str, sample_dim: str, draws: UnitDraws | None = None,
+              means: xr.Dataset | None = None) -> LayerData:
     if sample_dim not in array.dims:
         raise ParameterValueError(
             f"{name!r} has no sample dimension {sample_dim!r} (dims {array.dims}); pass sample_dim="
@@ -158,7 +269,7 @@ def _as_layer(array: xr.DataArray, name: str, sample_dim: str) -> LayerData:
     if any(len(c) > 1 for c in array.data.chunks[1:]):
         # gathering units needs whole samples in a block (a store is chunked like this already)
         array = array.chunk({d: -1 for d in array.dims[1:]})
-    return LayerData(name, array)
+    return LayerData(name, array, _stored_units(array, name, sample_dim), draws, means)
 
 
 def _variable(node: xr.DataTree, name: str) -> xr.DataArray:
@@ -189,28 +300,41 @@ def as_collection(obj: xr.DataTree | xr.DataArray | xr.Dataset, *, sample_dim: s
 
     Samples are grouped by the ``set_coord`` coordinate along ``sample_dim``; without it all samples form one set
     named ``"all"``.
+
+    A reduced layer -- an array ``(sample_dim, "unit")`` with attributes ``schema.LAYER_SHAPE_ATTR`` and
+    ``schema.LAYER_DIMS_ATTR`` and a ``schema.FLAT_INDEX`` coordinate along ``"unit"`` -- becomes a layer of its
+    logical shape that stores some units (:class:`StoredUnits`). The registration (``schema.UNIT_DRAWS_ATTR``) is read
+    from the tree's (or the DataArray's, or the Dataset's) attributes, a layer's means from its
+    ``schema.MEANS_GROUP`` subgroup.
     """
     record: xr.DataArray | None = None
     fallback: Mapping[Hashable, Any]
+    means: dict[str, xr.Dataset] = {}
     if isinstance(obj, xr.DataTree):
         order = [str(n) for n in obj.attrs.get(LAYERS_ATTR, [])]
         children = [str(n) for n in obj.children if ACTIVATION in obj[n].data_vars]
         names = [n for n in order if n in children] + [n for n in children if n not in order]
         arrays = {n: _variable(obj.children[n], ACTIVATION) for n in names}
+        means = {n: obj.children[n].children[MEANS_GROUP].to_dataset() for n in names
+                 if MEANS_GROUP in obj.children[n].children}
         if COMPLETED in obj.ds.data_vars:
             record = _variable(obj, COMPLETED)
         fallback = obj.ds.coords
+        registered = obj.attrs.get(UNIT_DRAWS_ATTR)
     elif isinstance(obj, xr.DataArray):
         arrays = {str(obj.name) if obj.name is not None else "data": obj}
         fallback = {}
+        registered = obj.attrs.get(UNIT_DRAWS_ATTR)
     elif isinstance(obj, xr.Dataset):
         arrays = {str(k): v for k, v in obj.data_vars.items() if sample_dim in v.dims}
         fallback = obj.coords
+        registered = obj.attrs.get(UNIT_DRAWS_ATTR)
     else:
         raise ParameterTypeError(f"expected an xarray DataTree, DataArray or Dataset, got {type(obj).__name__}")
     if not arrays:
         raise ValueError(f"no layer with a sample dimension {sample_dim!r} found")
-    layers = {name: _as_layer(arr, name, sample_dim) for name, arr in arrays.items()}
+    draws = UnitDraws.from_attrs(registered)
+    layers = {name: _as_layer(arr, name, sample_dim, draws, means.get(name)) for name, arr in arrays.items()}
     first = next(iter(layers.values())).array
     n = first.sizes[sample_dim]
     samples = _load_labels(first[sample_dim]) if sample_dim in first.coords else np.arange(n)

@@ -10,11 +10,14 @@ layers, sets or ``n_units`` values are analysed in the same call.
 A layer's draws for a grid of ``n_units`` x resamples are first listed without drawing (:class:`DrawTable`: draws
 that give the same units are listed once), then drawn together (:class:`UnitPlan`), for ``"top"`` inside the graph
 after a pass for the unit means (:func:`plan_for`). :func:`select_units` shows a draw as labelled coordinates.
+
+On a reduced layer (a store extracted with registered draws) the draws are computed exactly as on the full layer, from
+its logical shape; :func:`refuse_unheld` refuses those the store does not hold before any graph is built, and the
+plan maps the union to the stored columns (:attr:`UnitPlan.read`), so the gathered matrix is the full store's.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +29,10 @@ from dask.base import tokenize
 from dask.graph_manipulation import clone
 
 from ..options import UNIT_TYPES, UnitType
+from ..sampling import draw_units, unit_seed
 from ..schema import FILTER_DIM, IMAGE_DIM, SET_COORD
 from ..validation import ParameterValueError, check_choice, check_count, check_n_units
-from .collection import LayerData, as_collection
+from .collection import LayerData, as_collection, stored_columns
 from .graph import GraphBuilder, Key, block_keys, sum_parts
 
 __all__ = [
@@ -38,91 +42,10 @@ __all__ = [
     "draw_units",
     "make_plan",
     "plan_for",
+    "refuse_unheld",
     "select_units",
     "unit_seed",
 ]
-
-
-# --------------------------------------------------------------------------- seeded draws
-def unit_seed(seed: int, layer: str, n_units: int, resample: int) -> np.random.SeedSequence:
-    """The seed sequence of one draw, derived from ``(seed, layer, n_units, resample)``.
-
-    The layer name enters through an 8-byte BLAKE2b digest, so the value is the same in
-    every process and Python version.
-    """
-    digest = hashlib.blake2b(str(layer).encode("utf-8"), digest_size=8).digest()
-    return np.random.SeedSequence([int(seed), int.from_bytes(digest, "little"), int(n_units), int(resample)])
-
-
-def draw_units(
-    feature_shape: Sequence[int],
-    n_units: int,
-    unit_type: UnitType = "random",
-    *,
-    seed: int = 0,
-    layer: str = "",
-    resample: int = 0,
-    means: np.ndarray | None = None,
-    filter_axis: int | None = -1,
-) -> np.ndarray:
-    """Choose units of one layer; return their sorted flat (C-order) indices.
-
-    Parameters
-    ----------
-    feature_shape
-        Shape of one sample's activation, e.g. ``(y, x, filter)``.
-    n_units
-        Number of units; all units when ``n_units`` >= the layer size (the seed's rule).
-    unit_type
-        ``"random"``: uniform without replacement (the seed's choice). ``"top"``: the
-        ``n_units`` largest values of ``means`` (ties go to the lower flat index).
-        ``"per_filter"``: the same number of units from every filter (when ``n_units`` is
-        not a multiple of the filter count, randomly chosen filters get one more), each
-        filter's positions uniform without replacement. ``"all"``: every unit.
-    seed, layer, resample
-        Identify the draw; see :func:`unit_seed`.
-    means
-        Mean activation per unit (flat), required for ``"top"``.
-    filter_axis
-        Axis of ``feature_shape`` holding filters, for ``"per_filter"``.
-
-    Returns
-    -------
-    numpy.ndarray
-        Sorted ``int64`` flat indices, the same for every image.
-    """
-    check_choice("unit_type", unit_type, UNIT_TYPES)
-    shape = tuple(int(s) for s in feature_shape)
-    size = int(np.prod(shape))
-    n = min(int(n_units), size)
-    if unit_type == "all" or n == size:
-        return np.arange(size, dtype=np.int64)
-    if unit_type == "top":
-        if means is None:
-            raise ParameterValueError("unit_type='top' needs the mean activation of every unit")
-        order = np.argsort(-np.asarray(means, dtype=np.float64).reshape(-1), kind="stable")
-        return np.sort(order[:n]).astype(np.int64)
-    rng = np.random.default_rng(unit_seed(seed, layer, n_units, resample))
-    if unit_type == "random":
-        return np.sort(rng.choice(size, size=n, replace=False)).astype(np.int64)
-    # per_filter
-    if filter_axis is None:
-        raise ParameterValueError("unit_type='per_filter' needs a filter dimension")
-    axis = filter_axis % len(shape)
-    n_filters = shape[axis]
-    other = shape[:axis] + shape[axis + 1 :]
-    per_position = int(np.prod(other))
-    base, extra = divmod(n, n_filters)
-    counts = np.full(n_filters, base, dtype=np.int64)
-    if extra:
-        counts[rng.choice(n_filters, size=extra, replace=False)] += 1
-    parts: list[np.ndarray] = []
-    for f in np.flatnonzero(counts):
-        positions = rng.choice(per_position, size=int(counts[f]), replace=False)
-        index: tuple[np.ndarray, ...] = np.unravel_index(positions, other) if other else ()
-        full = (*index[:axis], np.full(positions.size, f), *index[axis:])
-        parts.append(np.ravel_multi_index(full, shape))
-    return np.sort(np.concatenate(parts)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- draw plans
@@ -142,6 +65,7 @@ class DrawTable:
     keys: tuple[tuple[int, int], ...]  # a representative (n_units, resample) per distinct draw
     index: np.ndarray
     n_used: tuple[int, ...]  # units actually used per requested n_units
+    stored: np.ndarray | None = None  # a reduced layer's stored units (flat indices); None for a whole layer
 
     @property
     def size(self) -> int:
@@ -183,6 +107,7 @@ def draw_table(
             f"unit_type='per_filter' needs a filter dimension {filter_dim!r}; layer {layer.name!r} "
             f"has feature dims {layer.feature_dims} (pass filter_dim=)"
         )
+    refuse_unheld(layer, n_units, resample_ids, unit_type=unit_type, seed=seed, filter_dim=filter_dim)
     size = layer.size
     keys: dict[tuple[str | int, ...], int] = {}
     reps: list[tuple[int, int]] = []
@@ -201,7 +126,58 @@ def draw_table(
                 reps.append((n, r))
             index[i, j] = keys[key]
     n_used = tuple(size if unit_type == "all" else min(n, size) for n in n_units)
-    return DrawTable(layer.name, layer.feature_shape, unit_type, seed, filter_axis, tuple(reps), index, n_used)
+    table = DrawTable(layer.name, layer.feature_shape, unit_type, seed, filter_axis, tuple(reps), index, n_used,
+                      layer.flat_index)
+    if layer.reduced and layer.draws is None:  # no registration to compare with: check the units themselves now
+        make_plan(table)
+    return table
+
+
+def _describe_asked(n_units: Sequence[int], resample_ids: Sequence[int], unit_type: str, seed: int) -> str:
+    ids = [int(r) for r in resample_ids]
+    resamples = f"0..{ids[-1]}" if ids == list(range(len(ids))) and len(ids) > 2 else str(ids)
+    return f"n_units {[int(n) for n in n_units]}, resamples {resamples}, seed {seed}, unit_type {unit_type!r}"
+
+
+def refuse_unheld(layer: LayerData, n_units: Sequence[int], resample_ids: Sequence[int], *, unit_type: str,
+                  seed: int, filter_dim: str) -> None:
+    """Refuse, before any graph is built, draws that a reduced layer does not hold.
+
+    A reduced store keeps only the units of its registered draws (``sampling.UnitDraws``): other ``n_units``,
+    resamples, seeds or unit types, ``"top"`` (data-dependent, needs every unit) and ``"all"`` (or ``n_units`` at
+    least the layer size) cannot be computed from it. Whole layers accept every draw.
+    """
+    if layer.stored is None:
+        return
+    kept, size = layer.stored.flat_index.size, layer.size
+    holds = layer.draws.describe() if layer.draws is not None else "no registration recorded"
+    where = (f"layer {layer.name!r} is reduced: the store keeps {kept} of its {size} units, those of its registered "
+             f"draws ({holds}); asked for {_describe_asked(n_units, resample_ids, unit_type, seed)}")
+    full = "Analyse a full store (extracted with units='all') for that"
+    if unit_type == "top":
+        raise ParameterValueError(
+            f"unit_type='top' cannot be computed here: {where}. 'top' ranks every unit of the layer by its mean over "
+            f"the analysed images, so it needs every unit, and reduced layers keep only the registered draws. {full}"
+        )
+    whole = [int(n) for n in n_units if int(n) >= size]
+    if unit_type == "all" or whole:
+        what = "unit_type='all'" if unit_type == "all" else f"n_units {whole} (at least the layer's {size} units)"
+        raise ParameterValueError(f"{what} needs every unit: {where}. Ask for registered draws. {full}")
+    if layer.draws is None:
+        return  # checked unit by unit by draw_table
+    missing = layer.draws.missing(n_units, resample_ids, seed=seed, unit_type=unit_type)
+    if missing is not None:
+        raise ParameterValueError(
+            f"the store does not hold draws with {missing}: {where}. Ask for some of its n_units, resamples below "
+            f"{layer.draws.resamples}, seed {layer.draws.seed} and unit_type {layer.draws.unit_type!r}, or extract a "
+            f"store that registers these draws. {full}"
+        )
+    axis = layer.filter_axis(filter_dim)
+    if unit_type == "per_filter" and axis != len(layer.feature_dims) - 1:
+        raise ParameterValueError(
+            f"filter_dim={filter_dim!r}: {where}; its per-filter draws were registered along its last dimension "
+            f"{layer.feature_dims[-1]!r}. Pass filter_dim={layer.feature_dims[-1]!r}"
+        )
 
 
 def check_single_draw(n_units: Any, unit_type: Any, seed: Any, resample: Any) -> tuple[int, int, int]:
@@ -224,6 +200,9 @@ class UnitPlan:
     union: np.ndarray
     units: tuple[tuple[np.ndarray, ...], ...]  # [group][draw]; a single shared group unless "top"
     columns: tuple[tuple[slice | np.ndarray, ...], ...]  # [group][draw]: slice or index array into the union
+    #: the columns of a stored chunk (flattened per sample) that hold the union, in its order: the union itself for
+    #: a whole layer, their positions among the stored units for a reduced layer (the same gathered values)
+    read: np.ndarray
 
     def _group(self, group: int) -> int:
         return group if len(self.units) > 1 else 0
@@ -264,12 +243,13 @@ def make_plan(table: DrawTable, means: np.ndarray | None = None) -> UnitPlan:
         for u in group:
             chosen[u] = True
     union = np.flatnonzero(chosen)
+    read = union if table.stored is None else stored_columns(table.stored, union, table.layer)
     where = np.empty(table.size, dtype=np.int64)  # only the union's entries are ever read
     where[union] = np.arange(union.size)
     columns = tuple(
         tuple(slice(0, union.size) if u.size == union.size else where[u] for u in group) for group in units
     )
-    return UnitPlan(union, units, columns)
+    return UnitPlan(union, units, columns, read)
 
 
 def _block_group_sums(block: np.ndarray, local_rows: list[np.ndarray]) -> np.ndarray:
@@ -365,7 +345,12 @@ def select_units(
         ``unit``); one variable per feature dim (e.g. ``y``, ``x``, ``filter``)
         holding the coordinate labels of each unit, and ``flat_index`` (C-order position
         in the layer). Scalar coordinate ``layer``. Lazy (dask) for ``"top"``. Reuse:
-        ``activation.sel({d: units[d] for d in feature_dims})`` gives ``(image, unit)``.
+        ``activation.sel({d: units[d] for d in feature_dims})`` gives ``(image, unit)``; on a reduced layer
+        (stored as ``(image, unit)``), ``activation.isel(unit=np.searchsorted(activation.flat_index,
+        units.flat_index))``.
+
+    A reduced store (extracted with registered draws) returns the same units as a full store for every registered
+    draw and refuses the others (:func:`refuse_unheld`).
     """
     coll = as_collection(obj, sample_dim=sample_dim, set_coord=set_coord)
     data = coll.single_layer(layer)
@@ -383,11 +368,13 @@ def select_units(
     else:
         flat = draw_units(shape, n, unit_type, seed=seed, layer=data.name, resample=resample,
                           filter_axis=table.filter_axis)
+        if data.flat_index is not None:  # a reduced layer: the units must be stored (refused above if not registered)
+            stored_columns(data.flat_index, flat, data.name)
     # "unit" names the new dimension, unless the data already use it (a recording's cells)
     unit_dim = "unit" if "unit" not in data.feature_dims else "sampled_unit"
     variables = {}
     for axis, dim in enumerate(data.feature_dims):
-        labels = data.array[dim].values if dim in data.array.coords else np.arange(shape[axis])
+        labels = data.labels(axis)
         if isinstance(flat, da.Array):
             values = da.map_blocks(_unravel_labels, flat, shape, axis, labels, dtype=labels.dtype)
         else:

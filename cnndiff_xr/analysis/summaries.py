@@ -16,7 +16,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..schema import FILTER_DIM, IMAGE_DIM, SET_COORD
+from ..schema import FILTER_DIM, FILTER_MEAN, IMAGE_DIM, LAYER_CSS, LAYER_MEAN, MEANS_GROUP, SET_COORD
 from ..validation import ParameterValueError, check_bool
 from .collection import Collection, LayerData, as_collection, completed_flags, refuse_incomplete
 
@@ -37,12 +37,68 @@ def _block_summary(block: np.ndarray, flags: np.ndarray, n_spatial: int) -> np.n
     return out
 
 
-def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: str) -> tuple[da.Array, xr.DataArray]:
+def _stored_summary(filter_mean: np.ndarray, layer_mean: np.ndarray, layer_css: np.ndarray, flags: np.ndarray
+                    ) -> np.ndarray:
+    """:func:`_block_summary`'s ``(images, filters + 2)`` from the means stored at extraction."""
+    refuse_incomplete(flags)  # the means of a batch are written before its completion flags, as its activations
+    n_filters = filter_mean.shape[1]
+    out = np.empty((filter_mean.shape[0], n_filters + 2))
+    out[:, :n_filters] = filter_mean
+    out[:, n_filters] = layer_mean
+    out[:, n_filters + 1] = layer_css
+    return out
+
+
+def _uses_stored_means(layer: LayerData, filter_dim: str) -> bool:
+    """Whether the layer's summaries come from its means subgroup (cheaper than reading the activations, and the
+    only way for a reduced layer); refuses a reduced layer without one."""
+    stored = layer.means is not None and filter_dim == FILTER_DIM and all(
+        name in layer.means.data_vars for name in (FILTER_MEAN, LAYER_MEAN, LAYER_CSS))
+    if layer.reduced and not stored:
+        why = (f"filter_dim={filter_dim!r}: its means were stored over {FILTER_DIM!r}"
+               if layer.means is not None and filter_dim != FILTER_DIM else
+               f"it has no {MEANS_GROUP!r} subgroup with {FILTER_MEAN!r}, {LAYER_MEAN!r} and {LAYER_CSS!r}")
+        raise ParameterValueError(
+            f"layer {layer.name!r} is reduced (the store keeps only the units of its registered draws), so its filter "
+            f"and layer means must come from the means stored at extraction, and {why}. Re-extract with "
+            "filter_means=True (cnndiff extract --filter-means), or use a full store"
+        )
+    return stored
+
+
+def _means_summary(coll: Collection, layer: LayerData, rows: np.ndarray) -> tuple[da.Array, np.ndarray]:
+    """The summary of :func:`_summary` read from the layer's means subgroup: no activation is read."""
+    assert layer.means is not None
+    means = layer.means
+    if rows.size != means.sizes[coll.sample_dim] or np.any(rows != np.arange(rows.size)):
+        means = means.isel({coll.sample_dim: rows})
+    fm = da.asarray(means[FILTER_MEAN].transpose(coll.sample_dim, FILTER_DIM).data)
+    fm = fm.rechunk({1: -1})
+    chunks = (fm.chunks[0],)
+    mean = da.asarray(means[LAYER_MEAN].data).rechunk(chunks)
+    css = da.asarray(means[LAYER_CSS].data).rechunk(chunks)
+    flags = da.asarray(completed_flags(coll, rows)).rechunk(chunks)
+    n_filters, expected = fm.shape[1], layer.feature_shape[layer.feature_dims.index(FILTER_DIM)]
+    if n_filters != expected:
+        raise ValueError(f"layer {layer.name!r}: its stored {FILTER_MEAN!r} has {n_filters} filters, the layer "
+                         f"{expected}; the store is damaged, re-extract it")
+    out = da.blockwise(_stored_summary, "if", fm, "if", mean, "i", css, "i", flags, "i", dtype=np.float64,
+                       concatenate=True, adjust_chunks={"f": n_filters + 2})
+    if not layer.reduced and FILTER_DIM in layer.array.coords:  # the labels a whole layer's activations give
+        return out, np.asarray(layer.array[FILTER_DIM].values)
+    return out, np.asarray(means[FILTER_DIM].values) if FILTER_DIM in means.coords else np.arange(n_filters)
+
+
+def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: str) -> tuple[da.Array, np.ndarray]:
+    """``(images, filters + 2)`` (filter means, then each image's mean and centred sum of squares) and the filter
+    labels: from the means stored at extraction when the layer has them, else from one read of its activations."""
     if filter_dim not in layer.feature_dims:
         raise ParameterValueError(
             f"layer {layer.name!r} has no filter dimension {filter_dim!r} (feature dims {layer.feature_dims}); "
             "pass filter_dim="
         )
+    if _uses_stored_means(layer, filter_dim):
+        return _means_summary(coll, layer, rows)
     spatial = [d for d in layer.feature_dims if d != filter_dim]
     array = layer.array.transpose(coll.sample_dim, *spatial, filter_dim)
     if rows.size != array.shape[0] or np.any(rows != np.arange(rows.size)):
@@ -55,7 +111,7 @@ def _summary(coll: Collection, layer: LayerData, rows: np.ndarray, filter_dim: s
         _block_summary, "if", data, index, flags, "i",
         n_spatial=len(spatial), dtype=np.float64, concatenate=True, adjust_chunks={"f": n_filters + 2},
     )
-    return out, array[filter_dim] if filter_dim in array.coords else xr.DataArray(np.arange(n_filters), dims=filter_dim)
+    return out, np.asarray(array[filter_dim].values) if filter_dim in array.coords else np.arange(n_filters)
 
 
 def _set_scale(mean: da.Array, css: da.Array, onehot: np.ndarray, n_units: int) -> tuple[da.Array, da.Array]:
@@ -76,7 +132,7 @@ def _zscore(values: da.Array, centre: da.Array, scale: da.Array) -> da.Array:
 
 def _layer_parts(
     coll: Collection, layer: LayerData, rows: np.ndarray, zscore: bool, filter_dim: str
-) -> tuple[da.Array, da.Array, xr.DataArray]:
+) -> tuple[da.Array, da.Array, np.ndarray]:
     out, filters = _summary(coll, layer, rows, filter_dim)
     n_filters = filters.size
     fm, mean, css = out[:, :n_filters], out[:, n_filters], out[:, n_filters + 1]
@@ -146,7 +202,7 @@ def filter_means(
                 "filter_mean": ((sample_dim, filter_dim), fm, variable_attrs),
                 "layer_mean": ((sample_dim,), mean, variable_attrs),
             },
-            coords={**sample_coords, filter_dim: filters.values},
+            coords={**sample_coords, filter_dim: filters},
             attrs={"layer": name, "zscore": zscore},
         )
     return xr.DataTree.from_dict(nodes)

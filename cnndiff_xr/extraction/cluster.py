@@ -32,6 +32,7 @@ from distributed import Client, LocalCluster, WorkerPlugin, get_worker
 from ..options import Dtype
 from ..validation import ParameterTypeError, ParameterValueError, check_bool, check_optional_int, is_int
 from .backends import ModelBackend, ModelSpec, quiet_framework_imports, verbose, worker_env
+from .reduction import Reduction
 
 
 def worker_environment() -> dict[str, str]:
@@ -254,20 +255,22 @@ class ModelPlugin(WorkerPlugin):
     so it reaches the client with its message instead of only a worker log line.
     """
 
-    def __init__(self, spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32") -> None:
+    def __init__(self, spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32",
+                 reduction: Reduction | None = None) -> None:
         self.spec = spec
         self.layers = list(layers)
         self.dtype: Dtype = dtype
-        self.name = plugin_name(spec, layers, dtype)
+        self.reduction = reduction if reduction is not None else Reduction()
+        self.name = plugin_name(spec, layers, dtype, self.reduction)
         self._model: ModelBackend | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # the built model and the lock stay in the worker
-        return {"spec": self.spec, "layers": self.layers, "dtype": self.dtype}
+        return {"spec": self.spec, "layers": self.layers, "dtype": self.dtype, "reduction": self.reduction}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spec"], state["layers"], state["dtype"])  # type: ignore[misc]
+        self.__init__(state["spec"], state["layers"], state["dtype"], state["reduction"])  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
         self.spec.prepare_process()  # before the framework runs anything in this process (thread pools)
@@ -284,14 +287,17 @@ class ModelPlugin(WorkerPlugin):
             if self._error is not None:
                 raise self._error
             if self._model is None:
-                self._model = self.spec.backend(self.layers, self.dtype)
+                self._model = self.spec.backend(self.layers, self.dtype, self.reduction)
             return self._model
 
 
-def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32") -> str:
-    """The name of the model plugin for ``spec``, ``layers`` and ``dtype`` (deterministic, the same in every
-    process): two runs of one model share the workers' copy, two models on one cluster do not collide."""
-    return f"cnndiff-model-{spec.key}-{hashlib.sha256(repr((list(layers), dtype)).encode()).hexdigest()[:8]}"
+def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32",
+                reduction: Reduction | None = None) -> str:
+    """The name of the model plugin for ``spec``, ``layers``, ``dtype`` and ``reduction`` (deterministic, the same in
+    every process): two runs of one model share the workers' copy, two models (or two reductions) on one cluster do
+    not collide."""
+    what = repr((list(layers), dtype, (reduction or Reduction()).key))
+    return f"cnndiff-model-{spec.key}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
 
 
 def worker_model(name: str) -> ModelBackend:

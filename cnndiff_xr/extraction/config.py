@@ -13,14 +13,24 @@ import datetime
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import xarray as xr
 from distributed import Client
 
 from ..options import DTYPES, ON_ERROR, RESIZE_POLICIES, Compression, Dtype, OnError, ResizePolicy
-from ..schema import FORMAT, FORMAT_ATTR, LAYERS_ATTR, SKIPPED_ATTR, STORE_ID_ATTR
+from ..sampling import UnitDraws
+from ..schema import (
+    APPENDING_ATTR,
+    FILTER_MEANS_ATTR,
+    FORMAT,
+    FORMAT_ATTR,
+    LAYERS_ATTR,
+    SKIPPED_ATTR,
+    STORE_ID_ATTR,
+    UNIT_DRAWS_ATTR,
+)
 from ..validation import (
     ParameterTypeError,
     ParameterValueError,
@@ -31,22 +41,28 @@ from ..validation import (
 )
 from .backends import Layers, ModelBackend, ModelSpec, check_layer_selection, model_spec, package_version
 from .cluster import check_address
+from .reduction import Reduction
 from .store import check_compression, check_storage_options, check_url, codec
 
 __all__ = ["IDENTITY_ATTRS", "ExtractionConfig", "identity"]
 
 #: Root attributes that must agree before a run may add to an existing store: they change the numbers. (Batch size and
 #: compression do not: a resumed run keeps the store's chunks and codec.)
-IDENTITY_ATTRS = ("model", "weights", "weights_sha256", "input_size", "resize", "preprocessing", LAYERS_ATTR, "dtype")
+IDENTITY_ATTRS = ("model", "weights", "weights_sha256", "input_size", "resize", "preprocessing", LAYERS_ATTR, "dtype",
+                  UNIT_DRAWS_ATTR, FILTER_MEANS_ATTR)
+
+#: What an identity attribute means when a store does not record it (stores made before it existed).
+_IDENTITY_DEFAULTS: dict[str, Any] = {UNIT_DRAWS_ATTR: None, FILTER_MEANS_ATTR: False}
 
 #: Root attributes a run records itself; ``attrs=`` may not replace them.
-_RESERVED_ATTRS = frozenset({FORMAT_ATTR, STORE_ID_ATTR, SKIPPED_ATTR, *IDENTITY_ATTRS, "batch_size", "compression",
+_RESERVED_ATTRS = frozenset({FORMAT_ATTR, STORE_ID_ATTR, SKIPPED_ATTR, APPENDING_ATTR, *IDENTITY_ATTRS, "batch_size",
+                             "compression",
                              "compression_level", "seed", "created"})
 
 
 def identity(attrs: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a store's root attributes (its provenance) that another run must share to add to it."""
-    return {key: attrs.get(key) for key in IDENTITY_ATTRS}
+    return {key: attrs.get(key, _IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_ATTRS}
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -81,6 +97,8 @@ class ExtractionConfig:
     progress: bool = True
     break_lock: bool = False
     attrs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    units: UnitDraws | Literal["all"] = "all"
+    filter_means: bool = False
     spec: ModelSpec = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,7 +120,11 @@ class ExtractionConfig:
             raise ParameterTypeError(f"preprocess must be a function (RGB 0..255 float batch -> model input) or None, "
                                      f"got {type(self.preprocess).__name__}")
         self._check_cluster()
-        for name in ("progress", "break_lock"):
+        if not (isinstance(self.units, UnitDraws) or (isinstance(self.units, str) and self.units == "all")):
+            raise ParameterTypeError(
+                f"units must be 'all' (every unit: the full store) or a cnndiff_xr.UnitDraws(n_units=[200, 10000], "
+                f"resamples=10, seed=0) naming the draws to keep, got {type(self.units).__name__}: {self.units!r}")
+        for name in ("progress", "break_lock", "filter_means"):
             _flag(name, getattr(self, name))
         normalise("attrs", self._checked_attrs())
         normalise("spec", model_spec(self.model, weights=self.weights, seed=self.seed, preprocess=self.preprocess))
@@ -131,6 +153,11 @@ class ExtractionConfig:
             raise ParameterTypeError(f"attrs must hold JSON values (str, numbers, lists, dicts): {err}") from None
 
     @property
+    def reduction(self) -> Reduction:
+        """What each batch keeps (:class:`~cnndiff_xr.extraction.reduction.Reduction`)."""
+        return Reduction(units=None if self.units == "all" else self.units, filter_means=self.filter_means)
+
+    @property
     def in_memory(self) -> bool:
         """Whether the store is an fsspec ``memory://`` store, which lives in one process (then run on threads)."""
         return self.store.startswith("memory://")
@@ -152,6 +179,8 @@ class ExtractionConfig:
             "preprocessing": model.preprocessing,
             LAYERS_ATTR: list(model.layers),
             "dtype": self.dtype,
+            UNIT_DRAWS_ATTR: None if self.reduction.units is None else self.reduction.units.to_attrs(),
+            FILTER_MEANS_ATTR: self.filter_means,
             "batch_size": self.batch_size,
             "compression": self.compression,
             "compression_level": self.compression_level,

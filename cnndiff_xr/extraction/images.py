@@ -6,7 +6,8 @@ arrays, ``.npy`` movies, white noise) into an ordered table of small, picklable 
 and turns one reference into pixels on whichever Dask worker the reference was shipped to.
 
 An image reference is anything that follows the :class:`ImageRef` protocol: it can read its
-pixels and describe itself. :class:`FileRef`, :class:`NpyFrameRef`, :class:`ArrayRef` and
+pixels and describe itself (and may hash its content: :func:`image_digest`, which a store records
+per image so that a rerun over changed images is refused). :class:`FileRef`, :class:`NpyFrameRef`, :class:`ArrayRef` and
 :class:`NoiseRef` are the four kinds this module makes; a new kind of image (frames of a video
 file, say) is one more such class, which :func:`from_refs` (or a list of them given as a set)
 turns into a source.
@@ -20,7 +21,9 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import json
 import os
 import posixpath
 import warnings
@@ -57,6 +60,8 @@ __all__ = [
     "resize",
     "load_batch",
     "check_image",
+    "image_digest",
+    "screen_image",
     "SPEC_ERRORS",
 ]
 
@@ -128,6 +133,13 @@ class ImageRef(Protocol):
     any source, :func:`read_rgb`, :func:`check_image` and :func:`load_batch` read it. It must
     pickle (it travels to the workers), and reading it must give the same pixels in every
     process, since a rerun rewrites a batch and expects the same bytes.
+
+    A reference may also have an optional ``digest() -> str`` method: the sha256 hex digest of
+    its *content*, the thing that fixes its pixels (a file's bytes, an array's bytes, a
+    generator's parameters), cheaper or more meaningful than hashing the decoded pixels. A
+    store records every image's digest and refuses a rerun whose images changed under the same
+    id; :func:`image_digest` falls back to the sha256 of the decoded pixels (``read()``) for a
+    reference without one. ``digest()`` raises :class:`ImageError` like ``read()``.
     """
 
     def read(self) -> np.ndarray:
@@ -162,6 +174,10 @@ class FileRef:
     def describe(self) -> str:
         return self.path
 
+    def digest(self) -> str:
+        """The plain sha256 of the file's bytes (what ``sha256sum`` prints), whatever its format."""
+        return hashlib.sha256(_read_bytes(self.path)).hexdigest()
+
 
 @dataclass(frozen=True)
 class NpyFrameRef:
@@ -186,10 +202,17 @@ class NpyFrameRef:
     value_range: tuple[float, float] | None = None
 
     def read(self) -> np.ndarray:
-        return _read_npy_frame(self)
+        pixels, value_range = _npy_frame_pixels(self)
+        return _pixels_to_rgb(pixels, value_range, self.describe())
 
     def describe(self) -> str:
         return f"{self.path}#frame={self.frame}"
+
+    def digest(self) -> str:
+        """The sha256 of the frame's bytes with its dtype, shape and value range (see :func:`image_digest`): the
+        same frame content gives the same digest, wherever the file is."""
+        pixels, value_range = _npy_frame_pixels(self)
+        return _array_digest(pixels, value_range, self.describe())
 
 
 # eq=False: equality and hashing by identity. Comparing pixel arrays element-wise would make
@@ -227,6 +250,10 @@ class ArrayRef:
     def describe(self) -> str:
         return f"in-memory array image of shape {getattr(self.pixels, 'shape', '?')}"
 
+    def digest(self) -> str:
+        """The sha256 of the array's bytes with its dtype, shape and value range (see :func:`image_digest`)."""
+        return _array_digest(np.asarray(self.pixels), self.value_range, self.describe())
+
 
 @dataclass(frozen=True)
 class NoiseRef:
@@ -252,6 +279,12 @@ class NoiseRef:
 
     def describe(self) -> str:
         return f"white_noise(seed={self.seed})[{self.index}]"
+
+    def digest(self) -> str:
+        """The sha256 of a canonical JSON of the generator and every parameter that fixes the pixels: no pixels
+        are made to hash them."""
+        return _json_digest({"kind": "white_noise", "generator": _NOISE_GENERATOR, "seed": int(self.seed),
+                             "index": int(self.index), "height": int(self.height), "width": int(self.width)})
 
 
 def _is_refs(obj: Any) -> bool:
@@ -913,6 +946,10 @@ class ImageTable:
     problems : list of dict
         Specs that named no image, left out by ``image_table(..., errors="collect")``: one
         ``{"set": ..., "source": spec, "reason": ...}`` each (JSON-ready). Empty otherwise.
+    digests : list of str, or None
+        Each image's content digest (:func:`image_digest`), once the images were screened
+        (the extraction takes them in the workers, while it decodes every image); None before.
+        Kept here, beside the references, so that the references stay small.
     """
 
     ids: list[str]
@@ -920,10 +957,13 @@ class ImageTable:
     sources: list[str]
     refs: list[ImageRef]
     problems: list[dict[str, str]] = field(default_factory=list)
+    digests: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.ids) == len(self.sets) == len(self.sources) == len(self.refs):
             raise ValueError("ImageTable: ids, sets, sources and refs must have the same length")
+        if self.digests is not None and len(self.digests) != len(self.ids):
+            raise ValueError("ImageTable: digests must have one entry per image")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -1070,7 +1110,11 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def _decode_file(path: str) -> np.ndarray:
-    data = _read_bytes(path)
+    return _decode_bytes(path, _read_bytes(path))
+
+
+def _decode_bytes(path: str, data: bytes) -> np.ndarray:
+    """Decode the bytes of the image file ``path`` (named in messages)."""
     if not data:
         raise _unreadable(path, "file is empty (0 bytes)")
     try:
@@ -1103,7 +1147,8 @@ def _decode_file(path: str) -> np.ndarray:
         raise _unreadable(path, f"cannot decode: {exc} (the file may be truncated or corrupt)") from None
 
 
-def _read_npy_frame(ref: NpyFrameRef) -> np.ndarray:
+def _npy_frame_pixels(ref: NpyFrameRef) -> tuple[np.ndarray, tuple[float, float]]:
+    """The frame's stored pixels (an owned copy) and the value range they map from (the dtype's default if none)."""
     where = ref.describe()
     movie = _open_npy(ref.path)
     try:
@@ -1115,7 +1160,7 @@ def _read_npy_frame(ref: NpyFrameRef) -> np.ndarray:
     finally:
         del movie
     value_range = ref.value_range if ref.value_range is not None else _default_value_range(pixels.dtype)
-    return _pixels_to_rgb(pixels, value_range, where)
+    return pixels, value_range
 
 
 def read_rgb(ref: ImageRef) -> np.ndarray:
@@ -1192,6 +1237,102 @@ def check_image(ref: ImageRef) -> str | None:
     except ImageError as exc:
         return exc.reason
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Content identity: one sha256 per image
+# --------------------------------------------------------------------------------------------
+
+#: How :class:`NoiseRef` makes its pixels; part of its digest, so that a change of generator changes every digest.
+_NOISE_GENERATOR = "numpy.random.default_rng([seed, index]).integers(0, 256, (height, width, 3), uint8)"
+
+
+def _json_digest(document: Mapping[str, Any]) -> str:
+    """The sha256 of a canonical JSON (sorted keys, no spaces) of ``document``."""
+    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _array_digest(pixels: np.ndarray, value_range: Any, where: str) -> str:
+    """The sha256 of a header (kind, dtype with byte order, shape, value range) followed by the array's C-order bytes.
+
+    The header makes a reshape, a cast or another value range (all of which change the decoded pixels) a different
+    digest even where the raw bytes are the same.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype.hasobject or pixels.dtype.kind not in "biuf":
+        raise _unreadable(where, f"pixel dtype {pixels.dtype} is not supported (use bool, integer or float pixels)")
+    lo, hi = (float(v) for v in value_range)
+    header = {"kind": "array", "dtype": pixels.dtype.str, "shape": list(pixels.shape), "value_range": [lo, hi]}
+    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    h.update(b"\0")
+    h.update(np.ascontiguousarray(pixels).reshape(-1).view(np.uint8).data)  # the bytes, without a copy
+    return h.hexdigest()
+
+
+def _pixels_digest(rgb: np.ndarray, where: str) -> str:
+    """The digest of decoded pixels: what a reference without ``digest()`` is identified by."""
+    return _array_digest(rgb, (0, 255), where)
+
+
+def image_digest(ref: ImageRef) -> str:
+    """The sha256 hex digest of one image's content.
+
+    Parameters
+    ----------
+    ref : ImageRef
+
+    Returns
+    -------
+    str
+        64 hex digits: ``ref.digest()`` where the reference has one -- a file's bytes
+        (:class:`FileRef`; the plain sha256 of the file), an array's or movie frame's bytes
+        with their dtype, shape and value range (:class:`ArrayRef`, :class:`NpyFrameRef`), the
+        generator and its parameters (:class:`NoiseRef`) -- else the digest of the decoded
+        pixels (``read()``), hashed like a uint8 array.
+
+    Raises
+    ------
+    ImageError
+        The content cannot be read.
+    """
+    if not isinstance(ref, ImageRef):
+        raise ParameterTypeError(f"image_digest needs an image reference (an object with read() and describe() "
+                                 f"methods), got {type(ref).__name__}")
+    digest = getattr(ref, "digest", None)
+    if callable(digest):
+        value = digest()
+        if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+            raise ParameterValueError(f"{type(ref).__name__}.digest() of {ref.describe()} must return a sha256 hex "
+                                      f"digest (64 lower-case hex digits), got {value!r}")
+        return value
+    return _pixels_digest(ref.read(), ref.describe())
+
+
+def screen_image(ref: ImageRef) -> tuple[str | None, str | None]:
+    """Fully decode one image and take its content digest, reading its data once where possible.
+
+    What an extraction asks of each image in the workers before it writes anything.
+
+    Returns
+    -------
+    (reason, digest)
+        ``(None, digest)`` for a usable image; ``(reason, None)`` for one that cannot be read
+        (the reason without the file name, as :func:`check_image`). Never raises for a bad image.
+    """
+    try:
+        if type(ref) is FileRef:  # exactly FileRef: a subclass may read otherwise
+            data = _read_bytes(ref.path)
+            _decode_bytes(ref.path, data)
+            return None, hashlib.sha256(data).hexdigest()
+        if type(ref) is NpyFrameRef:
+            pixels, value_range = _npy_frame_pixels(ref)
+            _pixels_to_rgb(pixels, value_range, ref.describe())
+            return None, _array_digest(pixels, value_range, ref.describe())
+        rgb = read_rgb(ref)
+        digest = getattr(ref, "digest", None)
+        return None, image_digest(ref) if callable(digest) else _pixels_digest(rgb, ref.describe())
+    except ImageError as exc:
+        return exc.reason, None
 
 
 # --------------------------------------------------------------------------------------------

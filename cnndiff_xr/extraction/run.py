@@ -52,9 +52,13 @@ import xarray as xr
 from distributed import Client
 
 from ..options import Compression, Dtype, LayerPreset, OnError, ResizePolicy
+from ..sampling import UnitDraws
 from ..schema import (
     COMPLETED,
+    FILTER_MEAN,
     IMAGE_DIM,
+    LAYER_CSS,
+    LAYER_MEAN,
     PREDICTED_CLASS,
     PREDICTED_LABEL,
     PREDICTED_PROBABILITY,
@@ -64,6 +68,7 @@ from ..schema import (
     SOURCE_COORD,
     STORE_ID_ATTR,
     activation_path,
+    means_path,
 )
 from ..validation import check_bool
 from . import images
@@ -71,6 +76,7 @@ from . import store as _store
 from .cluster import ModelPlugin, get_client, refuse_in_starting_child, worker_model
 from .config import ExtractionConfig, identity
 from .lock import StoreLock
+from .reduction import Reduction
 
 __all__ = ["BatchTask", "ExtractionError", "ExtractionReport", "extract", "size_report"]
 
@@ -149,8 +155,10 @@ def _check_same_store(url: str, storage_options: Mapping[str, Any] | None, store
                                 f"task belongs to {store_id!r}); its results are dropped")
 
 
-def _check_images(refs: Sequence[images.ImageRef]) -> list[str | None]:
-    return [images.check_image(ref) for ref in refs]
+def _check_images(refs: Sequence[images.ImageRef]) -> list[tuple[str | None, str | None]]:
+    """``(reason, digest)`` per image (:func:`~cnndiff_xr.extraction.images.screen_image`): the workers decode every
+    image anyway, so they hash its content too, and the client never reads the files."""
+    return [images.screen_image(ref) for ref in refs]
 
 
 def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef]) -> int:
@@ -159,7 +167,8 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef])
 
     model = worker_model(task.plugin)
     rgb = images.load_batch(refs, model.input_size, task.resize)
-    activations, probabilities = model.run(rgb)
+    output = model.run(rgb)
+    activations, probabilities = output.activations, output.probabilities
     _check_same_store(task.store, task.storage_options, task.store_id)
     group = _writable_group(task.store, task.storage_options, task.store_id)
     stop = start + len(refs)
@@ -168,6 +177,10 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef])
     with zarr.config.set({"array.write_empty_chunks": True}):
         for name, values in activations.items():
             group[activation_path(name)][start:stop] = values.astype(task.dtype, copy=False)  # whole chunks, atomic
+        for name, means in output.means.items():
+            group[means_path(name, FILTER_MEAN)][start:stop] = means.filter_mean
+            group[means_path(name, LAYER_MEAN)][start:stop] = means.layer_mean
+            group[means_path(name, LAYER_CSS)][start:stop] = means.layer_css
         if task.with_predictions and probabilities is not None:
             group[PREDICTED_CLASS][start:stop] = probabilities.argmax(axis=1).astype("int32")
             group[PREDICTED_PROBABILITY][start:stop] = probabilities.max(axis=1).astype("float32")
@@ -177,31 +190,47 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef])
 
 
 # --------------------------------------------------------------------------------------------- client side
-def size_report(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: Dtype) -> str:
-    """The size preflight: exact uncompressed bytes per layer and in total."""
-    sizes = _store.uncompressed_nbytes(shapes, n_images, dtype)
-    width = max(map(len, sizes)) if sizes else 5
-    lines = [f"store size before compression, {n_images} images, {dtype}:"]
-    lines += [f"  {name:<{width}}  {str(tuple(shapes[name])):<18} {_store.format_bytes(b):>10}"
-              for name, b in sizes.items()]
-    lines.append(f"  {'total':<{width}}  {'':<18} {_store.format_bytes(sum(sizes.values())):>10}")
+def size_report(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: Dtype,
+                reduction: Reduction | None = None) -> str:
+    """The size preflight: exact uncompressed bytes per layer and in total (of what is kept: a reduced store's layers
+    hold only their kept units, next to the full size)."""
+    reduction = reduction if reduction is not None else Reduction()
+    full = _store.uncompressed_nbytes(shapes, n_images, dtype)
+    kept = _store.kept_nbytes(shapes, n_images, dtype, reduction)
+    width = max(map(len, full)) if full else 5
+    reduced = reduction.units is not None
+    what = "" if not reduced else f", keeping the units of draws {reduction.units.describe()}"  # type: ignore[union-attr]
+    lines = [f"store size before compression, {n_images} images, {dtype}{what}:"]
+    for name, b in full.items():
+        line = f"  {name:<{width}}  {str(tuple(shapes[name])):<18} {_store.format_bytes(kept[name]):>10}"
+        if reduced:
+            line += " (whole)" if kept[name] == b else f" of {_store.format_bytes(b)}"
+        lines.append(line)
+    total = f"  {'total':<{width}}  {'':<18} {_store.format_bytes(sum(kept.values())):>10}"
+    if reduced:
+        total += f" of {_store.format_bytes(sum(full.values()))} for every unit"
+    lines.append(total)
     return "\n".join(lines)
 
 
 def _drop(table: images.ImageTable, bad: set[int]) -> images.ImageTable:
     keep = [i for i in range(len(table)) if i not in bad]
+    digests = None if table.digests is None else [table.digests[i] for i in keep]
     return images.ImageTable(ids=[table.ids[i] for i in keep], sets=[table.sets[i] for i in keep],
-                             sources=[table.sources[i] for i in keep], refs=[table.refs[i] for i in keep])
+                             sources=[table.sources[i] for i in keep], refs=[table.refs[i] for i in keep],
+                             digests=digests)
 
 
 def _screen_images(client: Client, table: images.ImageTable, on_error: OnError,
                    chunk: int = 64) -> tuple[images.ImageTable, list[dict[str, str]]]:
-    """Decode every image in the workers; raise naming every bad file and every path that named no image, or drop
-    them (``on_error="skip"``) and return the records of what was skipped (set, image id, source, reason)."""
+    """Decode and hash every image in the workers; raise naming every bad file and every path that named no image, or
+    drop them (``on_error="skip"``) and return the records of what was skipped (set, image id, source, reason). The
+    table returned carries every kept image's content digest."""
     futures = [client.submit(_check_images, table.refs[i:i + chunk], pure=False)
                for i in range(0, len(table), chunk)]
-    reasons = [r for batch in client.gather(futures) for r in batch]
-    bad = {i: r for i, r in enumerate(reasons) if r is not None}
+    screened = [r for batch in client.gather(futures) for r in batch]
+    bad = {i: reason for i, (reason, _) in enumerate(screened) if reason is not None}
+    table = dataclasses.replace(table, digests=[digest or "" for _, digest in screened])
     # one record per skipped image or path, by the store's image coordinates (no image id for a path that named none)
     skipped = [{SET_COORD: p["set"], IMAGE_DIM: "", SOURCE_COORD: p["source"], "reason": p["reason"]}
                for p in table.problems]
@@ -274,6 +303,8 @@ def extract(
     progress: bool = True,
     return_report: Literal[False] = False,
     break_lock: bool = False,
+    units: UnitDraws | Literal["all"] = "all",
+    filter_means: bool = False,
 ) -> xr.DataTree: ...
 
 
@@ -300,6 +331,8 @@ def extract(
     progress: bool = True,
     return_report: Literal[True],
     break_lock: bool = False,
+    units: UnitDraws | Literal["all"] = "all",
+    filter_means: bool = False,
 ) -> tuple[xr.DataTree, ExtractionReport]: ...
 
 
@@ -325,6 +358,8 @@ def extract(
     progress: bool = True,
     return_report: bool = False,
     break_lock: bool = False,
+    units: UnitDraws | Literal["all"] = "all",
+    filter_means: bool = False,
 ) -> xr.DataTree | tuple[xr.DataTree, ExtractionReport]:
     """Run a CNN over image sets and write every chosen layer's activations to a Zarr store, on Dask.
 
@@ -336,8 +371,10 @@ def extract(
         :class:`cnndiff_xr.extraction.images.ImageRef`), or an :class:`cnndiff_xr.extraction.images.ImageSource`
         (e.g. ``images.white_noise(43)``, ``images.movie_frames(...)``).
     store
-        Path or fsspec URL of the store. If a store made with the same
-        settings and images exists there, only its missing batches are computed (resume).
+        Path or fsspec URL of the store. If a store made with the same settings and images exists there, only its
+        missing batches are computed (resume); if its images are the first of ``sets`` (the same sets, then new ones),
+        the new sets are appended to it. Every image's content is fingerprinted (sha256): a rerun whose images changed
+        under the same names is refused, naming them.
     model, weights, seed, preprocess
         A model name (a keras.applications name such as ``"vgg16"``) with ``weights`` "imagenet", None (random,
         seeded by ``seed``) or a weights file; or a model object of a backend's framework (a ``keras.Model``) with
@@ -375,6 +412,18 @@ def extract(
         Print the size preflight and a progress bar to stderr.
     return_report
         Also return an :class:`ExtractionReport`.
+    units
+        ``"all"`` (default): every unit of every layer (the full store, ~27 MiB per VGG16 image in float16). Or a
+        :class:`cnndiff_xr.UnitDraws` registering the draws the analysis will use (``UnitDraws(n_units=[200, 10000],
+        resamples=10, seed=0)``): a *reduced* store that keeps, per layer, only the union of those draws' units
+        (layers no larger than the biggest ``n_units`` whole), some 7x smaller for 10 resamples and 50x for one.
+        :func:`cnndiff_xr.differentiation`, :func:`cnndiff_xr.rdm` and :func:`cnndiff_xr.select_units` with any of
+        the registered draws give the same numbers, bit for bit, as on a full store of the same images; other draws
+        (and ``unit_type="top"``, which needs every unit) are refused. The draws are part of the store's identity.
+    filter_means
+        Also store, per layer, every filter's mean over ``(y, x)`` and each image's mean and centred sum of squares
+        over the layer (a ``filter_means`` subgroup), computed in the model call from its float32 output, so that
+        :func:`cnndiff_xr.filter_means` (raw and z-scored) works on a reduced store. Part of the identity.
     break_lock
         Remove the store's writer lock even if its holder may be alive. Only for a holder known to be dead on
         another host: a dead holder on this host, or one silent for ``lock.LOCK_STALE_S`` seconds, is removed
@@ -403,7 +452,8 @@ def extract(
         store=store, storage_options=storage_options, model=model, weights=weights, layers=layers, dtype=dtype,
         batch_size=batch_size, resize=resize, seed=seed, preprocess=preprocess, on_error=on_error,
         compression=compression, compression_level=compression_level, client=client, n_workers=n_workers,
-        progress=progress, break_lock=break_lock, attrs={} if attrs is None else attrs,
+        progress=progress, break_lock=break_lock, attrs={} if attrs is None else attrs, units=units,
+        filter_means=filter_means,
     )
     check_bool("return_report", return_report, message=f"return_report must be True or False, got {return_report!r}")
     # Paths and globs that name no image are collected, not raised at the first, so that on_error="raise" can name
@@ -431,7 +481,7 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
     filter_labels = {layers[-1]: labels} if labels is not None and layers[-1] == model.output_layer else None
     del model  # the client does not keep a copy of the weights
     say: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr)) if config.progress else (lambda msg: None)
-    say(size_report(shapes, len(table), config.dtype))
+    say(size_report(shapes, len(table), config.dtype, config.reduction))
 
     # in-memory fsspec stores live in one process: use threads there
     with get_client(config.client, n_workers=config.n_workers, processes=not config.in_memory) as client:
@@ -439,17 +489,24 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
         attrs[SKIPPED_ATTR] = skipped
         if _store.exists(url, storage_options=options):
             existing = _store.read_attrs(url, storage_options=options)
-            _store.check_compatible(url, existing, identity=identity(attrs), table=table, storage_options=options)
+            kept = _store.check_compatible(url, existing, identity=identity(attrs), table=table,
+                                           storage_options=options)
             batch_size = int(existing["batch_size"])
             store_id = existing.get(STORE_ID_ATTR)
+            if kept is not None:  # new sets after the stored images (or an interrupted append): grow the store
+                store_id = _store.append_images(url, table, kept, skipped=skipped, storage_options=options)
+                if len(table) > kept:
+                    say(f"adding {len(table) - kept} images in set(s) "
+                        f"{', '.join(dict.fromkeys(table.sets[kept:]))} after the store's {kept} images")
         else:
             batch_size = config.batch_size
             store_id = attrs[STORE_ID_ATTR] = uuid.uuid4().hex  # identifies this store, not its settings
             tree, encoding = _store.build_layout(table, shapes, attrs=attrs, dtype=config.dtype, batch_size=batch_size,
                                                  compressor=config.codec(), with_predictions=with_predictions,
-                                                 filter_labels=filter_labels)
+                                                 filter_labels=filter_labels, reduction=config.reduction)
             _store.create_store(tree, encoding, url, storage_options=options)
-        plugin = ModelPlugin(config.spec, layers, config.dtype)  # the model is built on every worker while registering
+        # the model is built on every worker while registering
+        plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction)
         task = BatchTask(store=url, storage_options=options, store_id=store_id, plugin=plugin.name,
                          resize=config.resize, dtype=config.dtype, with_predictions=with_predictions)
         report = _run_batches(client, task, plugin, table, batch_size=batch_size, progress=config.progress,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -29,39 +30,56 @@ import numpy as np
 import xarray as xr
 
 from ..options import COMPRESSIONS, DTYPES, OPEN_MODES, Compression, Dtype, OpenMode
+from ..sampling import UnitDraws
 from ..schema import (
     ACTIVATION,
+    APPENDING_ATTR,
     CF_ADD_OFFSET,
     CF_FILL_VALUE,
     CF_SCALE_FACTOR,
     COMPLETED,
     FILTER_DIM,
+    FILTER_MEAN,
+    FILTER_MEANS_ATTR,
+    FLAT_INDEX,
     FLOAT16_DECODING,
     FORMAT,
     FORMAT_ATTR,
     IMAGE_COORDS,
     IMAGE_DIM,
     LABEL_COORD,
+    LAYER_CSS,
+    LAYER_DIMS_ATTR,
+    LAYER_MEAN,
+    LAYER_SHAPE_ATTR,
     LAYERS_ATTR,
+    MEANS_GROUP,
     PREDICTED_CLASS,
     PREDICTED_LABEL,
     PREDICTED_PROBABILITY,
     PREDICTION_COORDS,
     SET_COORD,
+    SHA256_COORD,
+    SKIPPED_ATTR,
     SOURCE_COORD,
     STORE_ID_ATTR,
+    UNIT_DIM,
+    UNIT_DRAWS_ATTR,
     X_DIM,
     Y_DIM,
     activation_path,
     layer_dims,
+    means_path,
 )
 from ..validation import ParameterTypeError, ParameterValueError, UnknownLabelError, check_choice, check_int, is_int
 from .images import ImageTable
+from .reduction import Reduction
 
 __all__ = [
     "COMPRESSION_LEVELS",
     "CnndiffAccessor",
     "StoreError",
+    "append_images",
     "build_layout",
     "check_compatible",
     "check_compression",
@@ -75,6 +93,7 @@ __all__ = [
     "format_info",
     "info",
     "is_store",
+    "kept_nbytes",
     "layer_dims",
     "layer_names",
     "open_activations",
@@ -186,6 +205,21 @@ def uncompressed_nbytes(shapes: Mapping[str, Sequence[int]], n_images: int, dtyp
     return {name: int(n_images * np.prod(shape, dtype=np.int64) * itemsize) for name, shape in shapes.items()}
 
 
+def kept_nbytes(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: Dtype,
+                reduction: Reduction) -> dict[str, int]:
+    """Exact uncompressed size in bytes of what a store keeps of each layer (all units, or a reduced layer's kept
+    units) plus its means when ``reduction`` asks for them."""
+    full = uncompressed_nbytes(shapes, n_images, dtype)
+    itemsize = np.dtype(dtype).itemsize
+    out = {}
+    for name, shape in shapes.items():
+        kept = reduction.kept(name, shape)
+        out[name] = full[name] if kept is None else int(n_images) * int(kept.size) * itemsize
+        if reduction.means_for(name, shape):
+            out[name] += int(n_images) * (4 * int(shape[-1]) + 16)  # float32 per filter, two float64 per image
+    return out
+
+
 def format_bytes(n: float) -> str:
     """``n`` bytes in B, kB, MB, GB or TB (powers of 1000), one decimal."""
     for unit in ("B", "kB", "MB", "GB"):
@@ -201,6 +235,50 @@ def _strings(values: Sequence[str]) -> np.ndarray:
     return np.asarray(list(values), dtype=object)
 
 
+def _layer_coords(shape: Sequence[int]) -> dict[str, Any]:
+    """The dimension coordinates of a whole layer: integer positions along y, x and filter."""
+    coords: dict[str, Any] = {FILTER_DIM: (FILTER_DIM, np.arange(shape[-1], dtype="int32"))}
+    if len(shape) == 3:
+        coords[Y_DIM] = (Y_DIM, np.arange(shape[0], dtype="int32"))
+        coords[X_DIM] = (X_DIM, np.arange(shape[1], dtype="int32"))
+    return coords
+
+
+def _unit_coords(shape: Sequence[int], kept: np.ndarray) -> dict[str, Any]:
+    """The coordinates of a reduced layer's kept units: their flat index and their y, x and filter positions."""
+    positions = np.unravel_index(kept, tuple(shape))
+    coords: dict[str, Any] = {FLAT_INDEX: (UNIT_DIM, kept.astype("int64"))}
+    for dim, values in zip(layer_dims(shape)[1:], positions, strict=True):
+        coords[dim] = (UNIT_DIM, values.astype("int32"))
+    return coords
+
+
+def _means_layout(n: int, shape: Sequence[int], batch_size: int,
+                  compressors: list[Any]) -> tuple[xr.Dataset, dict[str, dict[str, Any]]]:
+    """The empty means subgroup of a layer and its encoding: one chunk per batch, like the activations."""
+    import dask.array as da
+
+    n_filters = int(shape[-1])
+    ds = xr.Dataset(
+        {
+            FILTER_MEAN: ((IMAGE_DIM, FILTER_DIM),
+                          da.zeros((n, n_filters), dtype="float32", chunks=(batch_size, n_filters)),
+                          {"description": "mean over (y, x) of every filter, of the model's float32 output"}),
+            LAYER_MEAN: ((IMAGE_DIM,), da.zeros(n, dtype="float64", chunks=batch_size),
+                         {"description": "mean over every unit of the layer"}),
+            LAYER_CSS: ((IMAGE_DIM,), da.zeros(n, dtype="float64", chunks=batch_size),
+                        {"description": "sum over every unit of the layer of (activation - layer_mean)**2"}),
+        },
+        coords={FILTER_DIM: (FILTER_DIM, np.arange(n_filters, dtype="int32"))},
+    )
+    encoding: dict[str, dict[str, Any]] = {
+        FILTER_MEAN: {"chunks": (batch_size, n_filters), "compressors": compressors},
+        LAYER_MEAN: {"chunks": (batch_size,)},
+        LAYER_CSS: {"chunks": (batch_size,)},
+    }
+    return ds, encoding
+
+
 def build_layout(
     table: ImageTable,
     shapes: Mapping[str, Sequence[int]],
@@ -211,12 +289,14 @@ def build_layout(
     compressor: Any,
     with_predictions: bool,
     filter_labels: Mapping[str, Sequence[str]] | None = None,
+    reduction: Reduction | None = None,
 ) -> tuple[xr.DataTree, dict[str, dict[str, dict[str, Any]]]]:
     """The lazy DataTree describing an empty store, and the per-group encoding for ``to_zarr``.
 
     ``attrs`` become the root attributes (the provenance), ``compressor`` the activations' codec (:func:`codec`;
     None for none). Activations are zero-filled dask arrays so that ``to_zarr(compute=False)`` writes only metadata
-    and coordinates.
+    and coordinates. ``reduction`` (None: every unit, no means) gives the layers it reduces the ``(image, unit)``
+    layout and every layer a means subgroup when it asks for means (:mod:`cnndiff_xr.schema`).
     """
     import dask.array as da
 
@@ -225,6 +305,7 @@ def build_layout(
         IMAGE_DIM: (IMAGE_DIM, _strings(table.ids)),
         SET_COORD: (IMAGE_DIM, _strings(table.sets)),
         SOURCE_COORD: (IMAGE_DIM, _strings(table.sources)),
+        **({SHA256_COORD: (IMAGE_DIM, _strings(table.digests))} if table.digests is not None else {}),
     }
     prediction_coords = {}
     if with_predictions:
@@ -245,20 +326,24 @@ def build_layout(
         encoding["/"][name] = per_batch  # written per batch by the extraction tasks: one chunk per batch
     compressors = [compressor] if compressor is not None else []
     groups = {"/": root}
+    reduction = reduction if reduction is not None else Reduction()
     for name, shape in shapes.items():
-        dims = layer_dims(shape)
-        chunks = (batch_size, *shape)
-        data = da.zeros((n, *shape), dtype=dtype, chunks=chunks)
-        coords: dict[str, Any] = {FILTER_DIM: (FILTER_DIM, np.arange(shape[-1], dtype="int32"))}
-        if len(shape) == 3:
-            coords[Y_DIM] = (Y_DIM, np.arange(shape[0], dtype="int32"))
-            coords[X_DIM] = (X_DIM, np.arange(shape[1], dtype="int32"))
-        if filter_labels and name in filter_labels:
-            coords[LABEL_COORD] = (FILTER_DIM, _strings(filter_labels[name]))
-        for cname in (*IMAGE_COORDS, *prediction_coords):
-            coords[cname] = root[cname].variable
+        kept = reduction.kept(name, shape)
+        coords: dict[str, Any] = {cname: root[cname].variable for cname in (*IMAGE_COORDS, *prediction_coords)}
+        if kept is None:
+            dims, chunks = layer_dims(shape), (batch_size, *shape)
+            coords.update(_layer_coords(shape))
+            if filter_labels and name in filter_labels:
+                coords[LABEL_COORD] = (FILTER_DIM, _strings(filter_labels[name]))
+        else:
+            dims, chunks = (IMAGE_DIM, UNIT_DIM), (batch_size, kept.size)
+            coords.update(_unit_coords(shape, kept))
+        data = da.zeros((n, *chunks[1:]), dtype=dtype, chunks=chunks)
         ds = xr.Dataset({ACTIVATION: (dims, data)}, coords=coords)
         ds[ACTIVATION].attrs.update(layer=name, units=ACTIVATION)  # arbitrary units: the layer's own output
+        if kept is not None:
+            ds[ACTIVATION].attrs.update({LAYER_SHAPE_ATTR: [int(s) for s in shape],
+                                         LAYER_DIMS_ATTR: list(layer_dims(shape)[1:])})
         groups[f"/{name}"] = ds
         encoding[f"/{name}"] = {ACTIVATION: {"chunks": chunks, "compressors": compressors}}
         if np.dtype(dtype) == np.float16:
@@ -268,6 +353,9 @@ def build_layout(
             # are the decoded values: there is no scale to apply.
             ds[ACTIVATION].attrs.update(FLOAT16_DECODING)
             encoding[f"/{name}"][ACTIVATION][CF_FILL_VALUE] = None
+        if reduction.means_for(name, shape):
+            groups[f"/{means_path(name)}"], encoding[f"/{means_path(name)}"] = _means_layout(n, shape, batch_size,
+                                                                                              compressors)
     return xr.DataTree.from_dict(groups), encoding
 
 
@@ -389,12 +477,72 @@ def completed(url: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     return np.asarray(open_group(url, "r", storage_options=storage_options)[COMPLETED][:], dtype=bool)
 
 
+#: Root attribute present only while :func:`append_images` grows a store: the number of images the store held before.
+#: A rerun that finds it (the append was interrupted) keeps those images and redoes the append from there.
+
+
+def _first_few(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _table_difference(url: str, on_disk: Mapping[str, list[str]], table: ImageTable) -> str | None:
+    """Why ``table`` is not the store's images followed by images of new sets (None if it is)."""
+    stored_ids, new_ids = on_disk[IMAGE_DIM], list(table.ids)
+    n_old = len(stored_ids)
+    store_sets = list(dict.fromkeys(on_disk[SET_COORD]))
+    remedy = (f"A store's images are fixed once extracted: list its sets first, unchanged and in the same order "
+              f"({_first_few(store_sets)}), and new sets after them; or use a new store.")
+    head = f"store {url!r} holds a different image table ({n_old} images stored, {len(new_ids)} requested): "
+    if new_ids[:n_old] != stored_ids:
+        requested = set(new_ids)
+        removed = [i for i in stored_ids if i not in requested]
+        if removed:
+            return head + f"{len(removed)} stored image(s) are not in this run: {_first_few(removed)}. " + remedy
+        first = next(i for i, (a, b) in enumerate(zip(stored_ids, new_ids, strict=False)) if a != b)
+        stored = set(stored_ids)
+        if new_ids[first] not in stored:
+            return head + (f"image {new_ids[first]!r} would come at position {first}, before the store's image "
+                           f"{stored_ids[first]!r}: new images can only follow the stored ones. ") + remedy
+        return head + (f"the images are in another order (position {first}: store has {stored_ids[first]!r}, this "
+                       f"run {new_ids[first]!r}). ") + remedy
+    ours = {SET_COORD: table.sets[:n_old], SOURCE_COORD: table.sources[:n_old]}
+    for name, values in ours.items():
+        if on_disk[name] != list(values):
+            i = next(i for i, (a, b) in enumerate(zip(on_disk[name], values, strict=True)) if a != b)
+            return head + (f"image {stored_ids[i]!r} has {name} {on_disk[name][i]!r} in the store, {values[i]!r} in "
+                           f"this run. ") + remedy
+    old_sets = set(store_sets)
+    grown = [i for i, s in zip(new_ids[n_old:], table.sets[n_old:], strict=True) if s in old_sets]
+    if grown:
+        names = list(dict.fromkeys(table.sets[n_old + new_ids[n_old:].index(i)] for i in grown))
+        return head + (f"set(s) {names} are already in the store and this run lists more images in them "
+                       f"({_first_few(grown)}). A set's images are fixed once extracted: give the new images as a "
+                       "new set, or use a new store.")
+    return None
+
+
 def check_compatible(url: str, stored: Mapping[str, Any], *, identity: Mapping[str, Any], table: ImageTable,
-                     storage_options: Mapping[str, Any] | None = None) -> None:
-    """Refuse to add to a store made with other settings or another image table; say what differs.
+                     storage_options: Mapping[str, Any] | None = None) -> int | None:
+    """Refuse to add to a store made with other settings, other images, or images whose content changed since; say
+    what differs. Nothing is written.
 
     ``stored`` are the store's root attributes, ``identity`` the attributes that this run would record and that
-    must agree (:meth:`cnndiff_xr.extraction.config.ExtractionConfig.identity`).
+    must agree (:meth:`cnndiff_xr.extraction.config.ExtractionConfig.identity`), ``table`` this run's screened image
+    table, with its content digests.
+
+    Returns
+    -------
+    None when the store holds exactly ``table`` (a resume computes its missing batches); otherwise the number of the
+    store's images that ``table`` keeps, in front: the rest of ``table`` are new sets to append with
+    :func:`append_images` (also returned to finish an interrupted append, or to rewrite missing consolidated
+    metadata, where it may equal ``len(table)``).
+
+    Raises
+    ------
+    StoreError
+        Other settings; stored images removed, reordered, changed in set or source, or new images not at the end as
+        new sets; or stored images whose content (sha256) changed. Stores made before content digests were recorded
+        have no ``sha256`` coordinate, and their content is not checked.
     """
     diffs = []
     for key, value in identity.items():
@@ -405,17 +553,96 @@ def check_compatible(url: str, stored: Mapping[str, Any], *, identity: Mapping[s
         raise StoreError(f"store {url!r} was made with different settings; refusing to mix them:\n  "
                          + "\n  ".join(diffs) + "\nUse another store path, or rerun with the store's settings.")
     group = open_group(url, "r", storage_options=storage_options)
-    ours = {IMAGE_DIM: table.ids, SET_COORD: table.sets, SOURCE_COORD: table.sources}
-    for name, values in ours.items():
-        on_disk = [str(v) for v in group[name][:]]
-        if on_disk != list(values):
-            n_old, n_new = len(on_disk), len(values)
-            pairs = enumerate(zip(on_disk, values, strict=False))
-            first = next((i for i, (a, b) in pairs if a != b), min(n_old, n_new))
+    appending = stored.get(APPENDING_ATTR)
+    n_kept = int(appending) if appending is not None else int(group[IMAGE_DIM].shape[0])
+    on_disk = {name: [str(v) for v in group[name][:n_kept]] for name in (IMAGE_DIM, SET_COORD, SOURCE_COORD)}
+    difference = _table_difference(url, on_disk, table)
+    if difference is not None:
+        raise StoreError(difference)
+    if SHA256_COORD in group:  # stores made before content digests have none: nothing to compare
+        if table.digests is None:
+            raise ValueError("check_compatible needs the table's content digests (the extraction takes them while "
+                             "it screens the images)")
+        recorded = [str(v) for v in group[SHA256_COORD][:n_kept]]
+        changed = [i for i, (a, b) in enumerate(zip(recorded, table.digests, strict=False)) if a and a != b]
+        if changed:
+            listing = "\n".join(f"  {table.ids[i]}: {table.sources[i]}" for i in changed[:5])
+            more = f"\n  ... and {len(changed) - 5} more" if len(changed) > 5 else ""
             raise StoreError(
-                f"store {url!r} holds a different image table ({name}: {n_old} stored, {n_new} requested; first "
-                f"difference at position {first}). A store's images are fixed when it is created: use a new store."
+                f"store {url!r}: {len(changed)} of its {n_kept} images changed content since they were extracted "
+                f"(their sha256 is not the one recorded); its activations belong to the old content:\n{listing}{more}"
+                "\nExtract into a new store, or restore the original images (files, arrays, movie frames, noise "
+                "parameters) and rerun."
             )
+    if appending is None and n_kept == len(table) and group.metadata.consolidated_metadata is not None:
+        return None
+    return n_kept
+
+
+def _consolidate(group: Any) -> None:
+    """Rewrite the consolidated metadata of the store whose root group is ``group`` (readers open it with it)."""
+    import zarr
+
+    with _quiet_zarr():
+        zarr.consolidate_metadata(group.store_path)
+
+
+def append_images(url: str, table: ImageTable, n_kept: int, *, skipped: Sequence[Mapping[str, str]] | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> str:
+    """Grow (or set) the store's image dimension to ``table``, whose first ``n_kept`` images the store holds; return
+    the store's new ``store_id``. Only metadata and image coordinates are written; the new images are incomplete.
+
+    Call it under the writer lock, after :func:`check_compatible` returned ``n_kept``. Every array of the hierarchy
+    whose first dimension is ``image`` grows, whatever it is (activations, means, repeated coordinates, predictions,
+    the completion record); the new part of the image coordinates (id, set, source, sha256) is written, predictions
+    get their fill values (-1, "", NaN), completion False, and the consolidated metadata is rewritten. A partial last
+    batch of the old images is then incomplete with its new neighbours, and its batch is recomputed whole.
+
+    Crash safety: the first write sets :data:`APPENDING_ATTR` (with a new ``store_id``, so that a task orphaned by an
+    earlier client, which still sees the old shapes, drops its results instead of writing into the grown arrays) and
+    the consolidated metadata (still the old shapes, so readers see the old store meanwhile); the last writes remove
+    the attribute and consolidate the new shapes. A rerun that finds the attribute redoes the append from its
+    ``n_kept``; one that finds no consolidated metadata (a crash between the last two writes) rewrites it.
+    """
+    import zarr
+
+    url, storage_options = check_url(url), check_storage_options(storage_options)
+    n_new = len(table)
+    if not 0 < n_kept <= n_new:
+        raise ValueError(f"append_images: n_kept={n_kept} must be in 1..{n_new} (the table's length)")
+    with _quiet_zarr():
+        group = zarr.open_group(url, mode="r+", storage_options=dict(storage_options or {}) or None,
+                                use_consolidated=False)
+    store_id = uuid.uuid4().hex
+    group.attrs.update({STORE_ID_ATTR: store_id, APPENDING_ATTR: n_kept})
+    _consolidate(group)
+    values: dict[str, Sequence[str]] = {IMAGE_DIM: table.ids, SET_COORD: table.sets, SOURCE_COORD: table.sources}
+    if table.digests is not None:
+        values[SHA256_COORD] = table.digests
+    fills: dict[str, Any] = {COMPLETED: False, PREDICTED_CLASS: -1, PREDICTED_LABEL: "",
+                             PREDICTED_PROBABILITY: np.nan}
+    for path, node in group.members(max_depth=None):
+        if not isinstance(node, zarr.Array):
+            continue
+        dims = getattr(node.metadata, "dimension_names", None)
+        if not dims or dims[0] != IMAGE_DIM:
+            continue
+        node.resize((n_new, *node.shape[1:]))
+        if n_new == n_kept:
+            continue
+        name = path.rsplit("/", 1)[-1]
+        if name in values:
+            node[n_kept:] = _strings(values[name][n_kept:])
+        elif name in fills:
+            fill = fills[name]
+            node[n_kept:] = np.full(n_new - n_kept, fill, dtype=object if isinstance(fill, str) else node.dtype)
+        # anything else (activations, means) is data: the batches write it, and the completion record says when
+    attrs = {key: value for key, value in group.attrs.asdict().items() if key != APPENDING_ATTR}
+    if skipped is not None:
+        attrs[SKIPPED_ATTR] = [dict(record) for record in skipped]
+    group.attrs.put(attrs)
+    _consolidate(group)
+    return store_id
 
 
 def _is_nan(value: Any) -> bool:
@@ -473,7 +700,7 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
         # analysis' float16 paths), where plain xarray decodes it to float32 (schema.FLOAT16_DECODING)
         tree = xr.open_datatree(url, engine="zarr", chunks={}, consolidated=True, mode="r",
                                 mask_and_scale={ACTIVATION: False}, storage_options=storage_options or None)
-    image_coords = (*IMAGE_COORDS, *PREDICTION_COORDS, LABEL_COORD)
+    image_coords = (*IMAGE_COORDS, *PREDICTION_COORDS, LABEL_COORD, SHA256_COORD)
 
     def load(var: xr.DataArray) -> xr.DataArray:
         import dask
@@ -491,7 +718,8 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
         return var
 
     def load_small(ds: xr.Dataset) -> xr.Dataset:
-        names = [c for c in image_coords if c in ds.coords]
+        # the image coordinates, and a reduced layer's unit coordinates (what the analysis maps draws with)
+        names = [c for c in ds.coords if c in image_coords or ds.coords[c].dims == (UNIT_DIM,)]
         ds = ds.assign_coords({c: as_unicode(load(ds.coords[c])) for c in names}) if names else ds
         if IMAGE_DIM in ds.indexes:
             ds = ds.assign_coords({IMAGE_DIM: as_unicode(ds.coords[IMAGE_DIM])})
@@ -539,9 +767,13 @@ def info(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[
     for name in attrs[LAYERS_ATTR]:
         arr = group[activation_path(name)]
         raw = int(np.prod(arr.shape, dtype=np.int64) * arr.dtype.itemsize)
-        disk = _disk_bytes(url, activation_path(name), storage_options)
+        disk = _disk_bytes(url, name, storage_options)  # the layer's group: activations and means
+        full_shape = arr.attrs.get(LAYER_SHAPE_ATTR)  # only reduced layers record it
+        units = int(np.prod(full_shape if full_shape is not None else arr.shape[1:], dtype=np.int64))
         layers.append({"layer": name, "shape": tuple(arr.shape), "chunks": tuple(arr.chunks), "dtype": str(arr.dtype),
-                       "uncompressed_bytes": raw, "disk_bytes": disk})
+                       "uncompressed_bytes": raw, "disk_bytes": disk, "units": units,
+                       "units_kept": int(np.prod(arr.shape[1:], dtype=np.int64)),
+                       "layer_shape": tuple(full_shape) if full_shape is not None else tuple(arr.shape[1:])})
     raw_total = sum(layer["uncompressed_bytes"] for layer in layers)
     disk_total = sum(layer["disk_bytes"] for layer in layers)
     done_fraction = done.mean() if done.size else 1.0
@@ -556,6 +788,8 @@ def info(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[
         "uncompressed_bytes": raw_total,
         "disk_bytes": disk_total,
         "compression_ratio": (written_raw / disk_total) if disk_total else float("nan"),
+        "unit_draws": attrs.get(UNIT_DRAWS_ATTR),
+        "filter_means": bool(attrs.get(FILTER_MEANS_ATTR, False)),
         "provenance": attrs,
     }
 
@@ -565,11 +799,29 @@ def format_info(summary: Mapping[str, Any]) -> str:
     lines = [f"store: {summary['store']}",
              f"images: {summary['n_completed']} of {summary['n_images']} complete; sets: "
              + ", ".join(f"{k} ({int(v)})" for k, v in summary["sets"].items())]
+    draws = UnitDraws.from_attrs(summary.get("unit_draws"))
+    if draws is not None:
+        lines += ["units: a reduced store, keeping only the units of its registered draws",
+                  f"  draws: {draws.describe()}",
+                  f"  layers of at most {draws.max_units} units are kept whole; 'cnndiff differentiation' uses these "
+                  "draws by default, and the analyses refuse draws the store does not hold"]
+    else:
+        lines.append("units: every unit of every layer (a full store)")
+    if summary.get("filter_means"):
+        lines.append("filter means: stored at extraction ('cnndiff summarize' and the filter-mean figures read them)")
+    elif draws is not None:
+        lines.append("filter means: not stored, so 'cnndiff summarize' and the filter-mean figures cannot use the "
+                     "reduced layers (extract with --filter-means for them)")
     width = max(len(layer["layer"]) for layer in summary["layers"]) if summary["layers"] else 5
-    lines.append(f"{'layer':<{width}}  {'shape':<24} {'dtype':<8} {'uncompressed':>13} {'on disk':>11}")
+    lines.append(f"{'layer':<{width}}  {'shape':<24} {'units kept':>20} {'dtype':<8} {'uncompressed':>13} "
+                 f"{'on disk':>11}")
     for layer in summary["layers"]:
-        lines.append(f"{layer['layer']:<{width}}  {str(layer['shape']):<24} {layer['dtype']:<8} "
-                     f"{format_bytes(layer['uncompressed_bytes']):>13} {format_bytes(layer['disk_bytes']):>11}")
+        kept = layer.get("units_kept", 0)
+        units = layer.get("units", kept)
+        share = f"{kept} of {units}" if kept != units else "all"
+        lines.append(f"{layer['layer']:<{width}}  {str(layer.get('layer_shape', layer['shape'])):<24} {share:>20} "
+                     f"{layer['dtype']:<8} {format_bytes(layer['uncompressed_bytes']):>13} "
+                     f"{format_bytes(layer['disk_bytes']):>11}")
     lines.append(f"total uncompressed {format_bytes(summary['uncompressed_bytes'])}, on disk "
                  f"{format_bytes(summary['disk_bytes'])}, compression ratio {summary['compression_ratio']:.2f} "
                  "(over the completed images)")
@@ -581,6 +833,17 @@ def format_info(summary: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- selection
+def _select_filters(ds: xr.Dataset, filter: Any, layer: str) -> xr.Dataset:
+    """``ds`` with only the units of the given filters (labels): by the filter dimension of a whole layer, by the
+    units' filter coordinate of a reduced one."""
+    if FILTER_DIM in ds.dims:
+        return ds.sel({FILTER_DIM: filter})
+    if isinstance(filter, slice):
+        raise ParameterValueError(f"layer {layer!r} keeps only sampled units (a reduced store): select its filters "
+                                  f"by label or a list of labels, not a slice ({filter!r})")
+    return ds.isel({UNIT_DIM: np.isin(ds[FILTER_DIM].values, np.atleast_1d(filter))})
+
+
 def select(tree: xr.DataTree, layers: str | Sequence[str] | None = None, *, filter: Any = None,
            sets: str | Sequence[str] | None = None, image: Any = None) -> xr.DataTree:
     """Labelled, lazy slicing across layers: a new tree with only ``layers`` and, in each, only the given filters
@@ -610,8 +873,15 @@ def select(tree: xr.DataTree, layers: str | Sequence[str] | None = None, *, filt
         if image is not None:
             ds = ds.sel({IMAGE_DIM: image})
         if filter is not None:
-            ds = ds.sel({FILTER_DIM: filter})
+            ds = _select_filters(ds, filter, name)
         groups[f"/{name}"] = ds
+        if MEANS_GROUP in tree.children[name].children:  # the layer's means follow the same selection
+            means = tree.children[name].children[MEANS_GROUP].to_dataset(inherit=True)
+            if sets is not None or image is not None:
+                means = means.sel({IMAGE_DIM: ds[IMAGE_DIM].values})
+            if filter is not None:
+                means = means.sel({FILTER_DIM: filter})
+            groups[f"/{means_path(name)}"] = means
     if sets is not None or image is not None:
         root = groups["/"]
         groups["/"] = root.sel({IMAGE_DIM: groups[f"/{chosen[0]}"][IMAGE_DIM].values}) if chosen else root

@@ -35,6 +35,7 @@ import numpy as np
 
 from ...options import LAYER_PRESETS, Dtype, LayerPreset
 from ...validation import ChoiceError, ParameterTypeError, ParameterValueError, UnknownLabelError, check_choice
+from ..reduction import BatchOutput, Reduction
 
 #: What ``layers=`` may be: None (every layer but pure reshapes), a preset name, or layer names in any order.
 Layers = LayerPreset | Sequence[str] | None
@@ -136,9 +137,13 @@ class ModelBackend(Protocol):
         """A stable name of the preprocessing function (the same in every process and run)."""
         ...
 
-    def run(self, rgb: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Activations of a ``(batch, height, width, 3)`` uint8 RGB batch per store layer name, in the backend's
-        dtype, and the class probabilities (float32, ``(batch, classes)``; None without an ImageNet head)."""
+    def run(self, rgb: np.ndarray) -> BatchOutput:
+        """What the store keeps of a ``(batch, height, width, 3)`` uint8 RGB batch (:class:`BatchOutput`): per store
+        layer name the kept activations in the backend's dtype (whole, or the reduction's kept units as
+        ``(batch, kept)``), the means when the reduction asks for them, and the class probabilities (float32,
+        ``(batch, classes)``; None without an ImageNet head). Apply the reduction inside the framework's model call
+        where it can (only the kept values should leave the model); :func:`~cnndiff_xr.extraction.reduction.
+        reduce_numpy` defines the numbers."""
         ...
 
     def weights_digest(self) -> str:
@@ -168,8 +173,9 @@ class ModelSpec(Protocol):
         thread on workers this package starts). Called once per worker."""
         ...
 
-    def backend(self, layers: Layers, dtype: Dtype = "float32") -> ModelBackend:
-        """Build the model in this process, for the chosen layers, giving activations in ``dtype``."""
+    def backend(self, layers: Layers, dtype: Dtype = "float32", reduction: Reduction | None = None) -> ModelBackend:
+        """Build the model in this process, for the chosen layers, giving activations in ``dtype``, reduced as
+        ``reduction`` says (None: every unit, no means)."""
         ...
 
 

@@ -1,0 +1,115 @@
+"""Reduced stores: extraction throughput against the bare forward pass, store sizes, and analysis against one read.
+
+Setting (issue 14): VGG16 (random weights), 224 x 224, the default layers, float16, registered draws n_units 200 and
+10,000 x 10 resamples, filter means. Measured in one run:
+
+1. the bare forward pass: the same PNG images, already decoded, through the same multi-output model in this process
+   (TensorFlow on every core), outputs converted to numpy and discarded (as ``bench_extract.py``);
+2. reduced extraction end to end (embedded LocalCluster, default settings: decode, forward pass with the gather and
+   the means in the model call, writes) of ``--small`` and ``--large`` images; the **marginal throughput**
+   ``(large - small) / (t_large - t_small)`` cancels cluster start-up and model builds;
+3. the store size per image of the reduced store (10 resamples), of one with 1 resample, and of the full float16
+   store (``--small`` images), all on disk;
+4. differentiation (200 and 10,000 units, 10 resamples) of the large reduced store against one plain read of every
+   array in it, on the same (threaded) scheduler.
+
+    python benchmarks/bench_reduced.py [--small 24] [--large 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_extract import bare_forward
+from common import machine_info, natural_image_sets
+
+
+def disk_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def pick(folders: dict[str, str], n: int) -> dict[str, list[str]]:
+    """The first ``n`` images of the sets (alternating), as file lists."""
+    files = {name: sorted(str(p) for p in Path(f).glob("*.png")) for name, f in folders.items()}
+    per_set = {name: paths[: (n + len(files) - 1 - i) // len(files)] for i, (name, paths) in enumerate(files.items())}
+    return {name: paths for name, paths in per_set.items() if paths}
+
+
+def timed_extract(sets, store: str, **kwargs) -> float:
+    import cnndiff_xr as cx
+
+    t0 = time.perf_counter()
+    cx.extract(sets, store=store, model="vgg16", weights=None, dtype="float16", progress=False, **kwargs)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=24)
+    parser.add_argument("--large", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    print(machine_info())
+    import cnndiff_xr as cx
+
+    draws = cx.UnitDraws(n_units=[200, 10000], resamples=10, seed=0)
+    one = cx.UnitDraws(n_units=[200, 10000], resamples=1, seed=0)
+    work = Path(tempfile.mkdtemp(prefix="cnndiff-bench-reduced-"))
+    try:
+        folders = natural_image_sets(work / "images", args.large)
+        small, large = pick(folders, args.small), pick(folders, args.large)
+        n_small, n_large = (sum(map(len, s.values())) for s in (small, large))
+        paths = sorted(p for files in large.values() for p in files)
+        bare = bare_forward(paths, args.batch_size, repeats=2)
+
+        times = {}
+        for label, sets, n in (("small", small, n_small), ("large", large, n_large)):
+            times[label] = timed_extract(sets, str(work / f"reduced-{label}.zarr"), units=draws, filter_means=True,
+                                         batch_size=args.batch_size)
+            print(f"reduced extraction of {n} images: {times[label]:.1f} s end to end")
+        marginal = (n_large - n_small) / (times["large"] - times["small"])
+        print(f"bare forward pass (in-process, TF on all cores): {bare:.2f} images/s over {len(paths)} images")
+        print(f"reduced extraction, marginal throughput: {marginal:.2f} images/s = {marginal / bare:.2f}x bare "
+              f"(target >= 0.95x)")
+
+        timed_extract(small, str(work / "one.zarr"), units=one, filter_means=True, batch_size=args.batch_size)
+        timed_extract(small, str(work / "full.zarr"), batch_size=args.batch_size)
+        per_image = {label: disk_bytes(str(work / name)) / n_small
+                     for label, name in (("full float16", "full.zarr"), ("reduced, 10 resamples", "reduced-small.zarr"),
+                                         ("reduced, 1 resample", "one.zarr"))}
+        for label, size in per_image.items():
+            ratio = per_image["full float16"] / size
+            print(f"store size per image, {label}: {size / 2**20:.2f} MiB ({ratio:.1f}x smaller than full)")
+
+        import dask
+
+        tree = cx.open_activations(str(work / "reduced-large.zarr"))
+        arrays = [tree[layer][v].data for layer in cx.store.layer_names(tree)
+                  for v in ("activation",)] + [tree[layer]["filter_means"][v].data
+                                               for layer in cx.store.layer_names(tree)
+                                               for v in ("filter_mean", "layer_mean", "layer_css")]
+        with dask.config.set(scheduler="threads"):
+            t0 = time.perf_counter()
+            dask.compute(*[a.astype("float32").sum() for a in arrays])
+            read = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cx.differentiation(tree, n_units=[200, 10000], resamples=10, seed=0).compute()
+            analysis = time.perf_counter() - t0
+        print(f"reduced store of {n_large} images ({disk_bytes(str(work / 'reduced-large.zarr')) / 2**20:.0f} MiB on "
+              f"disk): one read of every array {read:.2f} s; differentiation (200 and 10,000 units x 10 resamples) "
+              f"{analysis:.2f} s = {analysis / read:.2f}x the read (target <= 1.2x)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    main()
