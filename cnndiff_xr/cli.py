@@ -1,25 +1,33 @@
 """The ``cnndiff`` command: one entry point, one subcommand per job.
 
-Exit codes: 0 success, 1 the job failed (bad image, store refused, weights unavailable, ...), 2 bad arguments, 130
+Exit codes: 0 success, 1 the job failed (bad image, store refused, weights unavailable, ...), 2 bad arguments
+(also options the store cannot serve: a layer or set it lacks, a draw a reduced store does not hold), 130
 interrupted (Ctrl-C). Errors go to stderr as one ``cnndiff <subcommand>: error: ...`` message, an interruption as one
 ``cnndiff <subcommand>: interrupted ...`` line saying what was saved, never a traceback, unless ``--debug``.
-TensorFlow's and Dask's log lines are hidden unless ``--verbose``.
+TensorFlow's and Dask's log lines are hidden unless ``--verbose``. ``differentiation``, ``summarize`` and ``plot``
+draw a progress bar on stderr while they compute, only when stderr is a terminal and not with ``--quiet``
+(:mod:`cnndiff_xr.progress`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from . import options
 from .extraction.backends import UnknownLayerError, set_verbose
+from .plot import MAX_IMAGES_PER_SET
+from .progress import compute, wanted
+from .sampling import REGISTRABLE_UNIT_TYPES, UnitDraws
+from .validation import ParameterError
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -109,6 +117,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     weights = {"imagenet": "imagenet", "random": None}.get(args.weights, args.weights)
     if weights not in ("imagenet", None) and not os.path.isfile(weights):
         raise UsageError(f"--weights {args.weights!r}: use 'imagenet', 'random' or the path of a weights file")
+    units = _unit_draws(args)
     sets = _parse_sets(args.set, args.frame_step)
     try:
         _, report = extract(
@@ -116,6 +125,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             dtype=args.dtype, client=args.scheduler, batch_size=args.batch_size, resize=args.resize, seed=args.seed,
             on_error=args.on_error, compression=args.compression, compression_level=args.level,
             n_workers=args.workers, progress=not args.quiet, return_report=True, break_lock=args.break_lock,
+            units=units, filter_means=args.filter_means,
         )
     except UnknownLayerError as err:  # known only once the model is built, but a bad argument all the same
         raise UsageError(_unknown_layers_message(err, args.model)) from None
@@ -124,6 +134,34 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if report.skipped:
         print(f"{len(report.skipped)} unreadable image(s) skipped (listed in the store's skipped_images attribute)")
     return 0
+
+
+#: ``cnndiff extract --units``: every unit (the full store), or the units of the draws registered by --n-units,
+#: --resamples, --unit-type and --draw-seed (a reduced store)
+UNITS_CHOICES = ("all", "draws")
+_DRAW_OPTIONS = {"n_units": "--n-units", "resamples": "--resamples", "unit_type": "--unit-type",
+                 "draw_seed": "--draw-seed"}
+
+
+def _unit_draws(args: argparse.Namespace) -> UnitDraws | Literal["all"]:
+    """``units=`` of :func:`cnndiff_xr.extract` from ``--units`` and the draw options (the draws' seed is --draw-seed,
+    else --seed); the draw options without ``--units draws`` are refused rather than ignored."""
+    given = [flag for name, flag in _DRAW_OPTIONS.items() if getattr(args, name) is not None]
+    if args.units == "all":
+        if given:
+            raise UsageError(f"{', '.join(given)} register unit draws for a reduced store: add --units draws (without "
+                             "it, every unit of every layer is kept)")
+        return "all"
+    defaults = UnitDraws()
+    try:
+        return UnitDraws(
+            n_units=tuple(_int_list(args.n_units, "--n-units")) if args.n_units is not None else defaults.n_units,
+            resamples=args.resamples if args.resamples is not None else defaults.resamples,
+            seed=args.draw_seed if args.draw_seed is not None else args.seed,
+            unit_type=args.unit_type if args.unit_type is not None else defaults.unit_type,
+        )
+    except ParameterError as err:
+        raise UsageError(f"--units draws: {err}") from None
 
 
 def _unknown_layers_message(err: UnknownLayerError, model: str) -> str:
@@ -204,19 +242,21 @@ def _cmd_differentiation(args: argparse.Namespace) -> int:
     from .extraction.cluster import get_client
     from .extraction.store import open_activations
 
-    n_units = _int_list(args.n_units, "--n-units")
+    if args.n_units is not None:
+        _int_list(args.n_units, "--n-units")  # a typo is reported before the store is opened
     if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
     if args.out:
         _check_out(args.out, args.overwrite)
     tree = open_activations(args.store)
-    d = differentiation(tree, n_units=n_units, unit_type=args.unit_type, norm=args.norm, metric=args.metric,
-                        reduction=args.reduction, resamples=args.resamples, seed=args.seed,
-                        layers=_names(args.layers), sets=_names(args.sets))
-    if args.reference is not None:
-        normalise_by_reference(d, reference=args.reference)  # validates the name before any work
+    draws = _analysis_draws(args, tree.attrs)
+    with _bad_input():
+        d = differentiation(tree, **draws, norm=args.norm, metric=args.metric, reduction=args.reduction,
+                            layers=_names(args.layers), sets=_names(args.sets))
+        if args.reference is not None:
+            normalise_by_reference(d, reference=args.reference)  # validates the name before any work
     with get_client(args.scheduler, n_workers=args.workers) as client:
-        d = client.compute(d, sync=True)
+        (d,) = compute(d, client=client, progress=wanted(quiet=args.quiet))
     result = xr.Dataset({"differentiation": d})
     if args.reference is not None:
         result["normalised"] = normalise_by_reference(d, reference=args.reference)
@@ -239,6 +279,42 @@ def _cmd_differentiation(args: argparse.Namespace) -> int:
         result.to_dataframe().to_csv(csv)
         print(f"wrote {args.out} and {csv}")
     return 0
+
+
+#: ``cnndiff differentiation``'s draws on a full store (on a reduced one: the store's registered draws)
+DEFAULT_DRAWS = UnitDraws(n_units=(200, 10000), resamples=10, seed=0, unit_type="random")
+
+
+def _analysis_draws(args: argparse.Namespace, store_attrs: Mapping[Any, Any]) -> dict[str, Any]:
+    """``n_units``, ``resamples``, ``seed`` and ``unit_type`` of the analysis from --n-units, --resamples, --seed and
+    --unit-type, each defaulting to the store's registered draws on a reduced store (printing one line saying so) and
+    to :data:`DEFAULT_DRAWS` on a full one. (Not a :class:`UnitDraws`: a full store also takes "top" and "all".)"""
+    from .schema import UNIT_DRAWS_ATTR
+
+    registered = UnitDraws.from_attrs(store_attrs.get(UNIT_DRAWS_ATTR))
+    defaults = (registered or DEFAULT_DRAWS).to_attrs()
+    given = {"n_units": None if args.n_units is None else _int_list(args.n_units, "--n-units"),
+             "resamples": args.resamples, "seed": args.seed, "unit_type": args.unit_type}
+    chosen = {name: defaults[name] if value is None else value for name, value in given.items()}
+    taken = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is None]
+    if registered is not None and taken:  # a note, on stderr: stdout holds the tables
+        using = (f"n_units {chosen['n_units']}, resamples 0..{chosen['resamples'] - 1}, seed {chosen['seed']}, "
+                 f"unit_type {chosen['unit_type']!r}")
+        print(f"reduced store: using its registered draws, {using} (--n-units, --resamples, --seed and --unit-type "
+              "may choose some of them)" if len(taken) == len(given) else
+              f"reduced store: {', '.join(taken)} from its registered draws; using {using}", file=sys.stderr)
+    return chosen
+
+
+@contextlib.contextmanager
+def _bad_input() -> Iterator[None]:
+    """A :class:`~cnndiff_xr.validation.ParameterError` raised while an analysis checks its options (before any
+    computing) is a bad argument: a layer or set the store lacks, a draw a reduced store does not hold, filter means
+    of a reduced store extracted without them. It exits 2 with the analysis' message, as argparse's errors do."""
+    try:
+        yield
+    except ParameterError as err:
+        raise UsageError(str(err)) from None
 
 
 def _netcdf_attrs(attrs: Mapping[Any, Any]) -> dict[Any, Any]:
@@ -279,9 +355,10 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
     _check_out(args.out, args.overwrite)
     tree = open_activations(args.store)
-    fm = filter_means(tree, zscore=args.zscore, layers=_names(args.layers), sets=_names(args.sets))
+    with _bad_input():  # e.g. a reduced store extracted without --filter-means
+        fm = filter_means(tree, zscore=args.zscore, layers=_names(args.layers), sets=_names(args.sets))
     with get_client(args.scheduler, n_workers=args.workers) as client:
-        fm = client.compute(fm, sync=True)
+        (fm,) = compute(fm, client=client, progress=wanted(quiet=args.quiet))
     # the store's provenance travels with the numbers (the root keeps filter_means' own layers, zscore and sets), and
     # each layer says what its filter axis counts, so that 'cnndiff plot' labels the heatmaps as from the store
     fm.attrs = {**_provenance(tree.attrs, args.store), **fm.attrs}
@@ -313,9 +390,10 @@ def _filter_mean_layers(source: str) -> xr.DataTree | None:
     return tree
 
 
-def _draw_filter_means(fm: xr.DataTree, out: Path, layers: Sequence[str] | None) -> list[Path]:
+def _draw_filter_means(fm: xr.DataTree, out: Path, layers: Sequence[str] | None,
+                       max_images_per_set: int) -> list[Path]:
     """Filter-mean heatmaps (``filter_means/<layer>``) from a ``cnndiff summarize`` output, as ``cnndiff plot
-    STORE`` draws them."""
+    STORE`` draws them: at most ``max_images_per_set`` images per set, read from the file lazily (only those)."""
     from . import plot
 
     present = [name for name in fm.children if "filter_mean" in fm[name].data_vars]
@@ -328,13 +406,12 @@ def _draw_filter_means(fm: xr.DataTree, out: Path, layers: Sequence[str] | None)
         present = [name for name in present if name in layers]
     # the same colours as the store's figures: from every set in the file (all the store's sets, unless --sets)
     palette = plot.set_colours(np.concatenate([fm[name]["set"].values for name in present]))
-    return plot.write_filter_mean_figures(fm.load(), out, layers=present, note=plot.figure_note(fm.attrs),
+    return plot.write_filter_mean_figures(fm, out, layers=present, note=plot.figure_note(fm.attrs),
                                           unit_names={name: fm[name].attrs.get("unit_name") for name in present},
-                                          colours=palette)
+                                          colours=palette, max_images_per_set=max_images_per_set)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    import dask
     import xarray as xr
 
     from . import plot
@@ -345,11 +422,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     draw: Callable[[Path], list[Path]]
     if store.is_store(args.source):
         tree = store.open_activations(args.source)
-        expected = [f"filter_means/{name}.png" for name in (layers or tree.attrs["layers"])]
+        with _bad_input():  # lazy: a layer the store lacks is refused here, before any folder is made
+            inputs = plot.store_figure_inputs(tree, layers=layers, rdm_units=args.rdm_units,
+                                              max_images_per_set=args.max_images_per_set)
+        _note_reduced_store_figures(tree, inputs, args.rdm_units)
+        fm_layers = [] if inputs["filter_means"] is None else list(inputs["filter_means"].children)
+        expected = [f"filter_means/{name}.png" for name in fm_layers]
 
         def draw(staging: Path) -> list[Path]:
-            inputs = plot.store_figure_inputs(tree, layers=layers, rdm_units=args.rdm_units)
-            (computed,) = dask.compute(inputs)
+            (computed,) = compute(inputs, progress=wanted(quiet=args.quiet))
             return plot.write_store_figures(tree, computed, staging, note=plot.figure_note(tree.attrs))
     else:
         if not os.path.exists(args.source):
@@ -364,7 +445,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             expected = [f"filter_means/{name}.png" for name in (layers or fm.children)]
 
             def draw(staging: Path) -> list[Path]:
-                return _draw_filter_means(fm, staging, layers)
+                return _draw_filter_means(fm, staging, layers, args.max_images_per_set)
         else:
             if "differentiation" not in result:
                 raise UsageError(f"SOURCE {args.source!r} has neither a 'differentiation' variable nor filter means; "
@@ -396,6 +477,33 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _note_reduced_store_figures(tree: xr.DataTree, inputs: Mapping[str, Any], rdm_units: int) -> None:
+    """Say on stderr (stdout lists the figures written) what a reduced store's figures use or leave out: the
+    registered draw of the RDMs, and the filter-mean heatmaps of layers it cannot give (extracted without
+    --filter-means). Those are left out rather than failing the command: the RDMs and the prediction heatmap of such a
+    store are still worth drawing, and its filter means cannot be had without extracting again."""
+    from . import plot
+    from .schema import ACTIVATION, LAYERS_ATTR, UNIT_DIM, UNIT_DRAWS_ATTR
+
+    if UnitDraws.from_attrs(tree.attrs.get(UNIT_DRAWS_ATTR)) is None:
+        return
+    draw = plot.rdm_draw(tree, rdm_units)
+    why = ("--rdm-units" if draw.max_units == rdm_units else
+           f"the largest registered not above --rdm-units {rdm_units}" if draw.max_units < rdm_units else
+           f"none registered is at most --rdm-units {rdm_units}")
+    print(f"reduced store: RDMs from its registered draw of {draw.max_units} units ({why}), seed {draw.seed}, "
+          f"unit_type {draw.unit_type!r}, resample 0", file=sys.stderr)
+    fm = inputs["filter_means"]
+    missing = [name for name in inputs["rdms"] if fm is None or name not in fm.children]
+    if missing:
+        print(f"reduced store without filter means: no filter-mean heatmap of {', '.join(missing)} (only sampled "
+              "units are stored); extract with --filter-means for them", file=sys.stderr)
+    last = str(tree.attrs[LAYERS_ATTR][-1])
+    if UNIT_DIM in tree[last].dataset[ACTIVATION].dims:  # write_store_figures draws it for a whole dense last layer
+        print(f"reduced store: no prediction heatmap (layer {last!r} keeps only sampled units; register --n-units "
+              "at least its size to keep it whole)", file=sys.stderr)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import PHOTOS, run_demo
     from .outputs import OutputFolderError
@@ -411,6 +519,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(report.read_text())
     print(f"report: {report}")
     return 0
+
+
+def _quiet_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (drawn on stderr only when it is a "
+                        "terminal)")
 
 
 def _cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -444,13 +557,32 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--resize", default="nearest", choices=options.RESIZE_POLICIES)
     ext.add_argument("--frame-step", type=_positive_int, default=1, help="take every k-th frame of .npy movies")
     ext.add_argument("--seed", type=_non_negative_int, default=0,
-                     help="seed of random weights (with --weights random)")
+                     help="seed of random weights (with --weights random) and, with --units draws, of the registered "
+                     "draws unless --draw-seed is given (default 0)")
     ext.add_argument("--on-error", default="raise", choices=options.ON_ERROR,
                      help="unreadable images: stop before writing (raise) or skip and record them")
     ext.add_argument("--compression", default="lz4", choices=options.COMPRESSIONS,
                      help="lz4 (default: blosc/lz4 with bit shuffle, the fastest), zstd (smallest), blosc "
                      "(blosc/zstd with bit shuffle), none")
     ext.add_argument("--level", type=int, default=1, help="compression level")
+    red = ext.add_argument_group(
+        "reduced stores", "Keep, per layer, only the units of draws registered now (a store many times smaller); "
+        "'cnndiff differentiation' uses these draws by default and refuses others.")
+    red.add_argument("--units", default="all", choices=UNITS_CHOICES,
+                     help="all (default): every unit of every layer; draws: only the units of the draws below "
+                     "(layers no larger than the biggest --n-units are kept whole)")
+    red.add_argument("--n-units", default=None, metavar="N[,N...]",
+                     help="with --units draws: comma-separated unit counts to register (default 200,10000)")
+    red.add_argument("--resamples", type=_positive_int, default=None, metavar="K",
+                     help="with --units draws: draws per unit count (default 10)")
+    red.add_argument("--unit-type", default=None, choices=REGISTRABLE_UNIT_TYPES,
+                     help="with --units draws: how units are drawn (default random; 'top' depends on the data and "
+                     "needs every unit)")
+    red.add_argument("--draw-seed", type=_non_negative_int, default=None, metavar="SEED",
+                     help="with --units draws: the draws' seed (default: --seed)")
+    red.add_argument("--filter-means", action="store_true",
+                     help="also store every filter's mean over (y, x) per image, for 'cnndiff summarize' and the "
+                     "filter-mean figures (needed for them with --units draws; cheap)")
     _cluster_options(ext)
     ext.add_argument("--break-lock", action="store_true", help="remove the store's writer lock even if its holder "
                      "may be alive (only when that run is known to be dead)")
@@ -465,22 +597,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     dif = sub.add_parser("differentiation", help="differentiation per layer and set",
                          description="Median (or mean) pairwise distance per layer and image set, for one or more "
-                         "unit counts and resamples; prints a layer x set table and writes the result.")
+                         "unit counts and resamples; prints a layer x set table and writes the result. On a "
+                         "reduced store ('cnndiff extract --units draws') the draws default to those it registered.")
     dif.add_argument("store", help="store path or fsspec URL")
-    dif.add_argument("--n-units", default="200,10000", help="comma-separated unit counts (default 200,10000)")
-    dif.add_argument("--resamples", type=_positive_int, default=10, help="independent unit draws (default 10)")
-    dif.add_argument("--unit-type", default="random", choices=options.UNIT_TYPES)
+    dif.add_argument("--n-units", default=None, metavar="N[,N...]",
+                     help="comma-separated unit counts (default 200,10000; on a reduced store: its registered counts)")
+    dif.add_argument("--resamples", type=_positive_int, default=None, metavar="K",
+                     help="independent unit draws (default 10; on a reduced store: its registered resamples)")
+    dif.add_argument("--unit-type", default=None, choices=options.UNIT_TYPES,
+                     help="how units are drawn (default random; on a reduced store: its registered unit type). top: "
+                     "the units with the highest mean over all analysed images (every set uses the same units)")
     dif.add_argument("--norm", default="layer", choices=options.NORMS)
     dif.add_argument("--metric", default="euclidean", choices=options.METRICS)
     dif.add_argument("--reduction", default="median", choices=options.REDUCTIONS)
     dif.add_argument("--reference", default=None, help="divide by this set's differentiation (e.g. white_noise)")
-    dif.add_argument("--seed", type=_non_negative_int, default=0)
+    dif.add_argument("--seed", type=_non_negative_int, default=None, metavar="SEED",
+                     help="seed of the unit draws (default 0; on a reduced store: its registered seed)")
     dif.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     dif.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
     dif.add_argument("--out", default=None, help="write the result here (.nc or .zarr) and a .csv beside it")
     dif.add_argument("--csv", default=None, help="CSV path (default: --out with .csv)")
     dif.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a store)")
     _cluster_options(dif)
+    _quiet_option(dif)
     dif.set_defaults(func=_cmd_differentiation)
 
     summ = sub.add_parser("summarize", help="filter means per layer",
@@ -492,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     summ.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     summ.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
     _cluster_options(summ)
+    _quiet_option(summ)
     summ.set_defaults(func=_cmd_summarize)
 
     plo = sub.add_parser("plot", help="figures from a store, a differentiation result or filter means",
@@ -504,8 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
     plo.add_argument("--reference", default=None, help="reference set for the normalised figure")
     plo.add_argument("--layers", default=None, help="store figures: comma-separated layers (default: all)")
     plo.add_argument("--rdm-units", type=_positive_int, default=10000, help="units per RDM (default 10000)")
+    plo.add_argument("--max-images-per-set", type=_positive_int, default=MAX_IMAGES_PER_SET, metavar="N",
+                     help="store and filter-mean figures: draw at most N images per set (larger sets: a seeded "
+                     f"sample, said in the titles; only those images are read; default {MAX_IMAGES_PER_SET})")
     plo.add_argument("--overwrite", action="store_true", help="replace figures of the same names in --out (other "
                      "files there are never touched)")
+    _quiet_option(plo)
     plo.set_defaults(func=_cmd_plot)
 
     dem = sub.add_parser("demo", help="the offline end-to-end demo",

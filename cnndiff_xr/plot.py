@@ -20,7 +20,9 @@ Conventions every figure keeps, so that figures can be read side by side:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,8 @@ import xarray as xr
 from . import schema
 from .analysis.metrics import DISTANCES
 from .analysis.results import normalise_by_reference, resample_summary
+from .sampling import UnitDraws
+from .validation import check_count
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is made, not with the package
     from types import ModuleType
@@ -101,6 +105,17 @@ def _ordinal(value: float) -> str:
 
 def _with_suffix(title: str, suffix: str | None) -> str:
     return f"{title}\n{suffix}" if suffix else title
+
+
+def _suptitle(fig: Figure, text: str, fontsize: float = 10) -> None:
+    """``fig``'s title, each line wrapped to the figure's width: a long note (the sets of a sample, the weights)
+    under the title of a narrow figure (two RDM panels) would otherwise run off both sides."""
+    import textwrap
+
+    width = max(int(fig.get_figwidth() * 72 / (0.6 * fontsize)), 40)  # characters of ~0.6 em in the figure's width
+    lines = [wrapped for line in text.split("\n")
+             for wrapped in (textwrap.wrap(line, width, break_on_hyphens=False) or [""])]
+    fig.suptitle("\n".join(lines), fontsize=fontsize)
 
 
 # ------------------------------------------------------------------------------------------------ set colours
@@ -283,7 +298,10 @@ def layer_unit_name(tree: xr.DataTree, layer: str) -> str:
     """
     if layer == schema.INPUT_LAYER:
         return "channel"
-    if tree[layer].dataset[schema.ACTIVATION].dims != (schema.IMAGE_DIM, schema.FILTER_DIM):
+    activation = tree[layer].dataset[schema.ACTIVATION]
+    # a reduced layer (image, unit) records the dimensions of its full output
+    dims = tuple(activation.attrs.get(schema.LAYER_DIMS_ATTR, activation.dims[1:]))
+    if dims != (schema.FILTER_DIM,):
         return "filter"
     return "class" if layer == str(tree.attrs[schema.LAYERS_ATTR][-1]) else "unit"
 
@@ -313,7 +331,8 @@ def _extend(values: np.ndarray, low: float, high: float) -> str:
 
 
 def _image_ticks(ax: Axes, images: np.ndarray, set_name: str, *, max_labels: int = MAX_IMAGE_LABELS) -> None:
-    """Image ids (without the ``set/`` prefix) as y tick labels where they fit, else integer index ticks."""
+    """Image ids (without the ``set/`` prefix) as y tick labels where they fit, else integer index ticks: the row's
+    index among the set's images drawn, which is not its index in the set when a figure draws a sample of it."""
     if len(images) <= max_labels:
         prefix = f"{set_name}/"
         labels = [str(i)[len(prefix):] if str(i).startswith(prefix) else str(i) for i in images]
@@ -322,7 +341,7 @@ def _image_ticks(ax: Axes, images: np.ndarray, set_name: str, *, max_labels: int
         ax.set_ylabel("image", fontsize=8)
     else:
         _integer_ticks(ax.yaxis)
-        ax.set_ylabel("image (index in set)", fontsize=8)
+        ax.set_ylabel("image (index among those shown)", fontsize=8)
 
 
 def _colourbar(fig: Figure | SubFigure, image: AxesImage, axes: Iterable[Axes], label: str, extend: str,
@@ -397,7 +416,9 @@ def filter_mean_heatmap(fm: xr.DataArray, fig: Figure | None = None, *, sets: Se
     how = {True: "z-scored within each set over its images × the layer's units", False: "raw activations",
            None: ""}[zscore]
     if fig is None:
-        tallest = max((p.sizes["image"] for p in parts.values()), default=1)
+        # a row per image up to the images that can be labelled; past them (index ticks) the height stops growing:
+        # 500 images would make a panel 70 inches tall
+        tallest = min(max((p.sizes["image"] for p in parts.values()), default=1), MAX_IMAGE_LABELS)
         fig = plt.figure(figsize=(4.5 * len(names) + 1.5, max(3.2, 1.5 + 0.14 * tallest)), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     image = None
@@ -414,7 +435,7 @@ def filter_mean_heatmap(fm: xr.DataArray, fig: Figure | None = None, *, sets: Se
     if image is not None:
         _colourbar(fig, image, axes, f"{what}\n{scale}", _extend(values, low, high), shrink=0.9)
     named = (f"{heading}, layer {layer}" if layer else heading) + (f"; {how}" if how else "")
-    fig.suptitle(_with_suffix(title or named, note), fontsize=10)
+    _suptitle(fig, _with_suffix(title or named, note))
     return fig, axes
 
 
@@ -447,7 +468,8 @@ def prediction_heatmap(predictions: xr.DataArray, fig: Figure | None = None, *, 
     high = high if high > low else low + 1e-9
     probabilities = _is_softmax(np.concatenate([p.values for p in parts.values()])) if parts else False
     quantity = "softmax probability" if probabilities else "activation"
-    heights = [max(p.sizes["image"], 1) for p in parts.values()]
+    # panels as tall as their images up to the images that can be labelled (then index ticks), not beyond it
+    heights = [min(max(p.sizes["image"], 1), MAX_IMAGE_LABELS) for p in parts.values()]
     if fig is None:
         fig = plt.figure(figsize=(14, 1.3 + sum(0.45 + 0.13 * h for h in heights)), layout="constrained")
     axes = fig.subplots(len(names), 1, squeeze=False, sharex=True,
@@ -465,7 +487,7 @@ def prediction_heatmap(predictions: xr.DataArray, fig: Figure | None = None, *, 
         _colourbar(fig, image, axes, f"{quantity}\n(one scale for all sets: {low:.3g} … {high:.3g}, the range of the "
                    "values)", "neither", shrink=0.9, pad=0.01)
     heading = f"Activations in the prediction layer ({layer})" if layer else "Activations in the prediction layer"
-    fig.suptitle(_with_suffix(title or heading, note), fontsize=10)
+    _suptitle(fig, _with_suffix(title or heading, note))
     return fig, axes
 
 
@@ -551,7 +573,7 @@ def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig: Figure | None 
         first = next(iter(rdms.values()))
         _colourbar(fig, image, axes[:n], f"{_rdm_scale_words(first.attrs)}\none scale for all layers: 0 … {vmax:.3g}",
                    "neither", shrink=0.8)
-    fig.suptitle(_with_suffix(title or "RDMs by layer (images grouped by set)", note), fontsize=10)
+    _suptitle(fig, _with_suffix(title or "RDMs by layer (images grouped by set)", note))
     return fig, axes[:n]
 
 
@@ -580,6 +602,117 @@ def figure_note(attrs: Mapping[Any, Any]) -> str | None:
     return None
 
 
+def _with_note(*notes: str | None) -> str | None:
+    """The lines under a figure's title: the given notes that are not None, one per line (None if none)."""
+    given = [n for n in notes if n]
+    return "\n".join(given) if given else None
+
+
+# ------------------------------------------------------------------------------------------------ image samples
+#: the most images per set that the store and filter-mean figures draw (:func:`image_sample`): an RDM of 20,000
+#: images is 400 million cells on a panel of a few hundred pixels, and reading every image of a large store for
+#: figures that cannot show them would take as long as the analysis itself
+MAX_IMAGES_PER_SET = 500
+
+#: the default seed of that sample (fixed: the same store gives the same figures)
+SAMPLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """The images of each set that a figure set draws (:func:`image_sample`).
+
+    ``positions``: their positions along ``image`` (sorted, so that images keep their order); ``shown`` and
+    ``total``: per set, in order of first appearance, how many are drawn and how many there are; ``limit`` and
+    ``seed``: the cap per set and the sample's seed."""
+
+    positions: np.ndarray
+    shown: dict[str, int]
+    total: dict[str, int]
+    limit: int
+    seed: int
+
+    @property
+    def subsampled(self) -> bool:
+        """Whether some set has more images than ``limit`` (otherwise every image is drawn)."""
+        return any(self.shown[name] < self.total[name] for name in self.total)
+
+    def note(self) -> str | None:
+        """What a figure title says of the sample: None when every image is drawn, else e.g. ``"500 of 20,000 images
+        per set, seeded sample (seed 0)"``, or per set when the sets differ."""
+        if not self.subsampled:
+            return None
+        how = f"seeded sample (seed {self.seed})"
+        over = {name: n for name, n in self.total.items() if self.shown[name] < n}
+        if len(over) == len(self.total) and len(set(over.values())) == 1:
+            return f"{self.limit:,} of {next(iter(over.values())):,} images per set, {how}"
+        parts = [f"{name} {self.shown[name]:,} of {n:,}" if name in over else f"{name} all {n:,}"
+                 for name, n in self.total.items()]
+        if len(parts) > 6:  # a title line, not a table
+            return (f"at most {self.limit:,} images per set, {how}: {len(over)} of {len(self.total)} sets "
+                    f"subsampled (largest {max(over.values()):,} images)")
+        return f"at most {self.limit:,} images per set, {how}: {', '.join(parts)}"
+
+
+def _set_seed(seed: int, name: str) -> np.random.SeedSequence:
+    """The seed of one set's sample: from ``seed`` and the set's name (blake2b, the same in every process, as the
+    unit draws' seeds are), so that a set's sample does not depend on the other sets nor on their order."""
+    digest = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return np.random.SeedSequence([seed, digest])
+
+
+def image_sample(sets: Iterable[Any], *, max_images_per_set: int = MAX_IMAGES_PER_SET,
+                 seed: int = SAMPLE_SEED) -> ImageSample:
+    """At most ``max_images_per_set`` images of every set, drawn uniformly without replacement (seeded).
+
+    Figures cannot show more than a few hundred images per set (an RDM panel has a few hundred pixels), so the store
+    figures draw a sample, chosen before anything is computed: only the sampled images are read. A set with at most
+    ``max_images_per_set`` images is drawn whole. The sample depends only on ``seed``, the set's name and its images'
+    positions: every layer's figure shows the same images, and a rerun the same figures.
+
+    Parameters
+    ----------
+    sets
+        The set label of every image, in the images' order (a store's ``set`` coordinate).
+    max_images_per_set
+        The cap per set (an integer >= 1; default :data:`MAX_IMAGES_PER_SET`).
+    seed
+        The sample's seed (an integer >= 0; default :data:`SAMPLE_SEED`).
+    """
+    limit = check_count("max_images_per_set", max_images_per_set, 1)
+    seed = check_count("seed", seed, 0)
+    labels = np.asarray([str(s) for s in (sets.ravel() if isinstance(sets, np.ndarray) else sets)])
+    names = list(dict.fromkeys(labels.tolist()))
+    chosen, shown, total = [], {}, {}
+    for name in names:
+        rows = np.flatnonzero(labels == name)
+        total[name] = int(rows.size)
+        if rows.size > limit:
+            rows = np.sort(np.random.default_rng(_set_seed(seed, name)).choice(rows, size=limit, replace=False))
+        shown[name] = int(rows.size)
+        chosen.append(rows)
+    positions = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    return ImageSample(positions.astype(np.int64), shown, total, limit, seed)
+
+
+def sample_store(tree: xr.DataTree, *, max_images_per_set: int = MAX_IMAGES_PER_SET,
+                 seed: int = SAMPLE_SEED) -> tuple[xr.DataTree, ImageSample]:
+    """The store ``tree`` restricted, lazily, to :func:`image_sample` of its sets, and the sample.
+
+    The tree is returned as it is when no set is larger than the cap (nothing changes: the same graphs, the same
+    numbers); otherwise every layer (and its means) keeps only the sampled images (``cnndiff_xr.select``), so an
+    analysis of the sampled tree reads only the chunks that hold them."""
+    from .extraction.store import select
+
+    sample = image_sample(tree.dataset[schema.SET_COORD].values, max_images_per_set=max_images_per_set, seed=seed)
+    if not sample.subsampled:
+        return tree, sample
+    images = np.asarray(tree.dataset[schema.IMAGE_DIM].values)[sample.positions]
+    sampled = select(tree, image=images)
+    sampled.attrs = dict(tree.attrs)
+    return sampled, sample
+
+
 # ------------------------------------------------------------------------------------------------ figure sets
 # The CLI (`cnndiff plot`) and the demo write their figures through these three functions, so both make the same
 # figures with the same names.
@@ -588,18 +721,59 @@ def figure_note(attrs: Mapping[Any, Any]) -> str | None:
 HEATMAP_FORMATS = ("png",)
 
 
-def store_figure_inputs(tree: xr.DataTree, *, layers: Sequence[str] | None = None,
-                        rdm_units: int = 10000) -> dict[str, Any]:
-    """The lazy analyses behind :func:`write_store_figures`: ``{"filter_means": <DataTree>, "rdms": {layer: RDM}}``.
+def rdm_draw(tree: xr.DataTree, rdm_units: int = 10000) -> UnitDraws:
+    """The one draw (``n_units``, seed 0 or the registered seed, unit type; resample 0) of the store figures' RDMs.
 
-    Computed together (``dask.compute`` or ``client.compute``), each layer's chunks are read once for both.
+    A full store: ``rdm_units`` random units, seed 0. A reduced store holds only its registered draws, so the RDMs use
+    one of them: the largest registered ``n_units`` not above ``rdm_units`` (the smallest registered when all are
+    above it), with the registration's seed and unit type -- the same RDMs as a full store of the same images gives
+    for that draw."""
+    registered = UnitDraws.from_attrs(tree.attrs.get(schema.UNIT_DRAWS_ATTR))
+    if registered is None:
+        return UnitDraws(n_units=(rdm_units,), resamples=1, seed=0, unit_type="random")
+    below = [n for n in registered.n_units if n <= rdm_units]
+    n_units = max(below) if below else min(registered.n_units)
+    return UnitDraws(n_units=(n_units,), resamples=1, seed=registered.seed, unit_type=registered.unit_type)
+
+
+def layers_without_means(tree: xr.DataTree, layers: Sequence[str]) -> list[str]:
+    """The ``layers`` whose filter means cannot be computed: reduced layers (only their sampled units are stored)
+    of a store extracted without filter means (no ``schema.MEANS_GROUP`` subgroup)."""
+    return [layer for layer in layers if layer in tree.children  # an unknown name is for the analysis to refuse
+            and schema.UNIT_DIM in tree[layer].dataset[schema.ACTIVATION].dims
+            and schema.MEANS_GROUP not in tree[layer].children]
+
+
+def store_figure_inputs(tree: xr.DataTree, *, layers: Sequence[str] | None = None, rdm_units: int = 10000,
+                        max_images_per_set: int = MAX_IMAGES_PER_SET, sample_seed: int = SAMPLE_SEED) -> dict[str, Any]:
+    """The lazy analyses behind :func:`write_store_figures`: ``{"filter_means": <DataTree> or None, "rdms": {layer:
+    RDM}, "predictions": <DataArray> or None, "sample": ImageSample}``.
+
+    Computed together (``dask.compute`` or ``client.compute``), each layer's chunks are read once for all. Every
+    figure draws the same images: at most ``max_images_per_set`` per set, a seeded sample (:func:`sample_store`,
+    ``sample_seed``) chosen before anything is computed, so that only those images are read and a 20,000-image store
+    is drawn in seconds; the figures say so in their titles (``ImageSample.note``). On a sample, the RDMs' layer
+    normalisation and the heatmaps' z-scores are over the sampled images. The RDMs use :func:`rdm_draw` (on a reduced
+    store, one of its registered draws). The filter means leave out the layers of :func:`layers_without_means` (None
+    when that is every layer): the other figures of such a store can still be drawn, and the caller says what was
+    left out. ``predictions``: the store's last layer when it is a whole dense layer (the prediction heatmap).
     """
     import cnndiff_xr as cx
 
     chosen = list(layers) if layers is not None else list(tree.attrs[schema.LAYERS_ATTR])
+    sampled, sample = sample_store(tree, max_images_per_set=max_images_per_set, seed=sample_seed)
+    without = set(layers_without_means(sampled, chosen))
+    with_means = [layer for layer in chosen if layer not in without]
+    draw = rdm_draw(sampled, rdm_units)
+    last = str(tree.attrs[schema.LAYERS_ATTR][-1])
+    predictions = sampled[last].dataset[schema.ACTIVATION]
     return {
-        "filter_means": cx.filter_means(tree, zscore=True, layers=chosen),
-        "rdms": {layer: cx.rdm(tree, layer=layer, n_units=rdm_units, seed=0) for layer in chosen},
+        "filter_means": cx.filter_means(sampled, zscore=True, layers=with_means) if with_means else None,
+        "rdms": {layer: cx.rdm(sampled, layer=layer, n_units=draw.max_units, seed=draw.seed,
+                               unit_type=draw.unit_type)
+                 for layer in chosen},
+        "predictions": predictions if predictions.dims == (schema.IMAGE_DIM, schema.FILTER_DIM) else None,
+        "sample": sample,
     }
 
 
@@ -609,15 +783,28 @@ def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Pa
     layer is a dense layer) and the RDM panels (``rdms``) under ``out``, from :func:`store_figure_inputs` computed.
 
     ``colours``: the set colours of every figure (default :func:`set_colours` of the store's sets, which is what
-    :func:`write_result_figures` uses for a result over the same sets). Returns the paths written."""
+    :func:`write_result_figures` uses for a result over the same sets). Every figure's title says when it draws a
+    sample of the images (``inputs["sample"]``, under ``note``). Returns the paths written."""
     out = Path(out)
     fm, rdms = inputs["filter_means"], inputs["rdms"]
+    sample: ImageSample | None = inputs.get("sample")
+    note = _with_note(note, sample.note() if sample is not None else None)
     palette = _colours_for(tree.dataset[schema.SET_COORD].values, colours)
-    written = write_filter_mean_figures(fm, out, layers=list(rdms), note=note, colours=palette,
-                                        unit_names={layer: layer_unit_name(tree, layer) for layer in rdms})
+    written: list[Path] = []
+    if fm is not None:  # None, or fewer layers than the RDMs, on a reduced store without filter means
+        with_means = [layer for layer in rdms if layer in fm.children]
+        # the means are of the sample already (a cap above the default must not sample them again)
+        written += write_filter_mean_figures(fm, out, layers=with_means, note=note, colours=palette,
+                                             unit_names={layer: layer_unit_name(tree, layer) for layer in with_means},
+                                             max_images_per_set=sample.limit if sample is not None else
+                                             MAX_IMAGES_PER_SET)
     last = str(tree.attrs[schema.LAYERS_ATTR][-1])
-    predictions = tree[last].dataset[schema.ACTIVATION]
-    if predictions.dims == (schema.IMAGE_DIM, schema.FILTER_DIM):
+    if "predictions" in inputs:  # store_figure_inputs: the sampled images' predictions, or None
+        predictions = inputs["predictions"]
+    else:  # inputs made by hand: the store's own last layer when it is a whole dense layer
+        predictions = tree[last].dataset[schema.ACTIVATION]
+        predictions = predictions if predictions.dims == (schema.IMAGE_DIM, schema.FILTER_DIM) else None
+    if predictions is not None:
         written += save(prediction_heatmap(predictions, note=note, layer=last, colours=palette)[0],
                         out / "predictions")
     written += save(rdm_panels(rdms, note=note, colours=palette)[0], out / "rdms")
@@ -626,16 +813,26 @@ def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Pa
 
 def write_filter_mean_figures(fm: xr.DataTree, out: str | Path, *, layers: Sequence[str],
                               unit_names: Mapping[str, str | None], note: str | None = None,
-                              colours: Mapping[str, str]) -> list[Path]:
+                              colours: Mapping[str, str], max_images_per_set: int = MAX_IMAGES_PER_SET,
+                              sample_seed: int = SAMPLE_SEED) -> list[Path]:
     """One filter-mean heatmap per layer (``filter_means/<layer>``) under ``out``, from :func:`cnndiff_xr.filter_means`
-    computed (or a ``cnndiff summarize`` file): the store figures and ``cnndiff plot FILTER_MEANS`` both draw them
-    here. ``unit_names``: what each layer's units are called (:func:`layer_unit_name`). Returns the paths written."""
+    (or a ``cnndiff summarize`` file, computed or lazily opened): the store figures and ``cnndiff plot FILTER_MEANS``
+    both draw them here. ``unit_names``: what each layer's units are called (:func:`layer_unit_name`).
+
+    A heatmap shows at most ``max_images_per_set`` rows per set: larger sets are drawn as :func:`image_sample`
+    (``sample_seed``; the same images in every layer, whose image coordinates are the same), selected before the
+    values are read, and the title says so. Returns the paths written."""
     out = Path(out)
     written: list[Path] = []
     for layer in layers:
         node = fm[layer].dataset
-        fig, _ = filter_mean_heatmap(node["filter_mean"], note=note, layer=layer, unit_name=unit_names.get(layer),
-                                     zscore=bool(node.attrs.get("zscore")), colours=colours)
+        sample = image_sample(node[schema.SET_COORD].values, max_images_per_set=max_images_per_set,
+                              seed=sample_seed)
+        if sample.subsampled:
+            node = node.isel({schema.IMAGE_DIM: sample.positions})
+        fig, _ = filter_mean_heatmap(node["filter_mean"], note=_with_note(note, sample.note()), layer=layer,
+                                     unit_name=unit_names.get(layer), zscore=bool(node.attrs.get("zscore")),
+                                     colours=colours)
         written += save(fig, out / "filter_means" / layer, formats=HEATMAP_FORMATS)
     return written
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import platform
 import re
@@ -9,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +342,363 @@ def test_analysis_messages_name_images_by_their_ids(cli_store):
     assert "constant activations" in proc.stderr, proc.stderr[-3000:]
     assert "np.str_" not in proc.stderr
     assert re.search(r"\(e\.g\. \['(photos|noise|movie)/[^']+'", proc.stderr), proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------- issue 14: reduced stores on the command line
+#: draws registered by the reduced stores below: every layer of LAYERS is larger than 500 units, so all are reduced
+DRAWS = ["--n-units", "50,500", "--resamples", "3"]
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    """``cnndiff ARGV`` in this process (the workers of the session's cluster have built MobileNetV2 already):
+    exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def _extract_like_cli_store(base: Path, path: Path, address: str, *more: str) -> tuple[str, str]:
+    """The images and model of ``cli_store`` into ``path`` with more options; stdout and stderr."""
+    code, out, err = _main(["extract", str(path), "--set", f"photos={base / 'photos'}", "--set", "noise=noise:4:1",
+                            "--set", f"movie={base / 'movie.npy'}", "--frame-step", "4", "--model", "mobilenet_v2",
+                            "--weights", "random", "--layers", LAYERS, "--batch-size", "3", "--scheduler", address,
+                            *more])
+    assert code == 0, err[-3000:]
+    return out, err
+
+
+@pytest.fixture(scope="module")
+def reduced_stores(cli_store, local_client, tmp_path_factory):
+    """``cli_store``'s images extracted twice more with --units draws: with --filter-means, and without them with
+    another draw seed. Returns (folder, full store, reduced store, its extract stderr, reduced store without means)."""
+    base, full = cli_store
+    folder = tmp_path_factory.mktemp("reduced")
+    address = local_client.scheduler.address
+    _, err = _extract_like_cli_store(base, folder / "reduced.zarr", address, "--units", "draws", *DRAWS,
+                                     "--filter-means")
+    _extract_like_cli_store(base, folder / "no_means.zarr", address, "--units", "draws", "--n-units", "50",
+                            "--resamples", "1", "--draw-seed", "1", "--quiet")
+    return folder, full, str(folder / "reduced.zarr"), err, str(folder / "no_means.zarr")
+
+
+def test_extract_units_draws_writes_a_reduced_store_that_info_describes(reduced_stores):
+    folder, full, reduced, err, no_means = reduced_stores
+    # the size preflight gives every layer's reduced size next to its full size
+    assert "keeping the units of draws n_units [50, 500], resamples 0..2, seed 0, unit_type 'random'" in err
+    assert re.search(r"Conv1_relu +\(112, 112, 32\) +[\d.]+ kB \(every unit: [\d.]+ MB\)", err), err[-3000:]
+    tree = cx.open_activations(reduced)
+    assert tree.attrs["unit_draws"] == {"n_units": [50, 500], "resamples": 3, "seed": 0, "unit_type": "random"}
+    assert tree.attrs["filter_means"] is True and tree.cnndiff.complete
+    assert tree.cnndiff["Conv1_relu"].dims == ("image", "unit")
+    assert list(tree["set"].values) == list(cx.open_activations(full)["set"].values)
+    other = cx.open_activations(no_means).attrs  # --draw-seed, not --seed (the weights' seed, 0 here)
+    assert other["unit_draws"] == {"n_units": [50], "resamples": 1, "seed": 1, "unit_type": "random"}
+    assert other["filter_means"] is False and other["weights"] == "random(seed=0)"
+
+    code, text, _ = _main(["info", reduced])
+    assert code == 0
+    assert "draws: n_units [50, 500], resamples 0..2, seed 0, unit_type 'random'" in text
+    assert "filter means: stored at extraction" in text
+    kept = cx.open_activations(reduced).cnndiff["Conv1_relu"].sizes["unit"]
+    assert re.search(rf"^Conv1_relu +\(112, 112, 32\) +{kept} of 401408 ", text, re.M), text
+    assert "filter means: not stored" in _main(["info", no_means])[1]
+    assert "units: every unit of every layer (a full store)" in _main(["info", full])[1]
+    code, text, _ = _main(["info", reduced, "--json"])
+    summary = json.loads(text)
+    assert summary["unit_draws"] == tree.attrs["unit_draws"] and summary["filter_means"] is True
+    layer = next(item for item in summary["layers"] if item["layer"] == "Conv1_relu")
+    assert (layer["units"], layer["units_kept"], layer["layer_shape"]) == (401408, kept, [112, 112, 32])
+
+
+def test_unit_draws_from_the_extract_options():
+    parse = cli.build_parser().parse_args
+    common = ["extract", "s.zarr", "--set", "a=noise:2"]
+    assert cli._unit_draws(parse(common)) == "all"
+    assert cli._unit_draws(parse([*common, "--units", "draws"])) == cx.UnitDraws()  # 200,10000 x 10, seed 0, random
+    assert cli._unit_draws(parse([*common, "--units", "draws", "--seed", "4", "--n-units", "10000,30",
+                                  "--resamples", "2", "--unit-type", "per_filter"])) == cx.UnitDraws(
+        n_units=(30, 10000), resamples=2, seed=4, unit_type="per_filter")  # --seed seeds the draws too
+    assert cli._unit_draws(parse([*common, "--units", "draws", "--seed", "4", "--draw-seed", "7"])).seed == 7
+
+
+@pytest.mark.parametrize(
+    "more, fragment",
+    [
+        (["--n-units", "200"], "--n-units register unit draws for a reduced store: add --units draws"),
+        (["--resamples", "2", "--unit-type", "per_filter"], "--resamples, --unit-type register unit draws"),
+        (["--draw-seed", "1"], "--draw-seed register unit draws for a reduced store: add --units draws"),
+        (["--units", "draws", "--unit-type", "top"], "argument --unit-type: invalid choice: 'top'"),
+        (["--units", "draws", "--n-units", "200,0"], "--n-units '200,0': expected positive integers"),
+        (["--units", "some"], "argument --units: invalid choice: 'some'"),
+    ],
+)
+def test_extract_draw_options_need_units_draws(tmp_path, monkeypatch, more, fragment):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _main(["extract", "s.zarr", "--set", "a=noise:2", "--model", "mobilenet_v2", "--weights", "random",
+                          *more])
+    assert code == 2 and fragment in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_differentiation_of_a_reduced_store_defaults_to_its_draws(reduced_stores, local_client):
+    folder, full, reduced, _, _ = reduced_stores
+    address = local_client.scheduler.address
+    code, table, err = _main(["differentiation", reduced, "--out", str(folder / "reduced.nc"), "--scheduler", address])
+    assert code == 0, err
+    assert ("reduced store: using its registered draws, n_units [50, 500], resamples 0..2, seed 0, unit_type 'random'"
+            in err)
+    assert "differentiation, 50 units (mean over 3 resamples)" in table and "500 units" in table
+    code, full_table, err = _main(["differentiation", full, *DRAWS, "--seed", "0", "--unit-type", "random",
+                                   "--out", str(folder / "full.nc"), "--scheduler", address])
+    assert code == 0 and "reduced store" not in err, err
+    assert table.split("wrote ")[0] == full_table.split("wrote ")[0]  # the printed tables
+    assert (folder / "reduced.csv").read_text() == (folder / "full.csv").read_text()
+    got, expected = xr.open_dataset(folder / "reduced.nc"), xr.open_dataset(folder / "full.nc")
+    xr.testing.assert_identical(got["differentiation"], expected["differentiation"])
+    assert got["differentiation"].shape == (3, 4, 2, 3)
+
+    # a subset of the draws: the rest from the store, said so
+    code, _, err = _main(["differentiation", reduced, "--n-units", "50", "--layers", "Conv1_relu",
+                          "--scheduler", address])
+    assert code == 0 and ("reduced store: --resamples, --seed, --unit-type from its registered draws; using n_units "
+                          "[50], resamples 0..2, seed 0, unit_type 'random'") in err, err
+    # a draw the store does not hold: a bad argument, with what the store holds
+    code, _, err = _main(["differentiation", reduced, "--n-units", "100", "--scheduler", address])
+    assert code == 2 and "does not hold draws with n_units [100]" in err and "Traceback" not in err, err
+    assert "registered draws (n_units [50, 500], resamples 0..2, seed 0, unit_type 'random')" in err
+
+
+def test_summarize_and_plot_a_reduced_store(reduced_stores, local_client, tmp_path):
+    folder, full, reduced, _, no_means = reduced_stores
+    address = local_client.scheduler.address
+    # filter means: from the means stored at extraction, equal to the full store's; refused without them
+    for store_path, out in ((reduced, tmp_path / "fm_reduced.nc"), (full, tmp_path / "fm_full.nc")):
+        code, _, err = _main(["summarize", store_path, "--out", str(out), "--zscore", "--scheduler", address])
+        assert code == 0, err
+    got, expected = xr.open_datatree(tmp_path / "fm_reduced.nc"), xr.open_datatree(tmp_path / "fm_full.nc")
+    for name in LAYERS.split(","):
+        np.testing.assert_allclose(got[name]["filter_mean"].values, expected[name]["filter_mean"].values,
+                                   rtol=1e-6, atol=1e-6)
+        assert got[name].attrs["unit_name"] == expected[name].attrs["unit_name"]
+    code, _, err = _main(["summarize", no_means, "--out", str(tmp_path / "fm.nc"), "--scheduler", address])
+    assert code == 2 and "--filter-means" in err and "Traceback" not in err, err
+    assert not (tmp_path / "fm.nc").exists()
+
+    # the RDMs of a registered draw (the largest not above --rdm-units), the same figure as the full store's
+    code, printed, err = _main(["plot", reduced, "--out", str(tmp_path / "reduced"), "--rdm-units", "300"])
+    assert code == 0, err
+    assert ("reduced store: RDMs from its registered draw of 50 units (the largest registered not above --rdm-units "
+            "300), seed 0, unit_type 'random', resample 0") in err
+    assert "no prediction heatmap (layer 'predictions' keeps only sampled units" in err
+    assert sorted(Path(p).relative_to(tmp_path / "reduced").as_posix() for p in printed.split()) == sorted(
+        [*(f"filter_means/{name}.png" for name in LAYERS.split(",")), "rdms.png", "rdms.svg"])
+    code, _, err = _main(["plot", full, "--out", str(tmp_path / "full"), "--rdm-units", "50"])
+    assert code == 0 and "reduced store" not in err, err
+    assert (tmp_path / "reduced" / "rdms.png").read_bytes() == (tmp_path / "full" / "rdms.png").read_bytes()
+    with Image.open(tmp_path / "reduced" / "filter_means" / "Conv1_relu.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+
+    # without filter means: the figures it can give, and a note naming --filter-means for the others
+    code, printed, err = _main(["plot", no_means, "--out", str(tmp_path / "no_means"), "--layers",
+                                "input_layer,Conv1_relu"])
+    assert code == 0, err
+    assert ("reduced store without filter means: no filter-mean heatmap of input_layer, Conv1_relu (only sampled "
+            "units are stored); extract with --filter-means for them") in err
+    assert "registered draw of 50 units (the largest registered not above --rdm-units 10000), seed 1" in err
+    assert sorted(Path(p).name for p in printed.split()) == ["rdms.png", "rdms.svg"]
+    assert not (tmp_path / "no_means" / "filter_means").exists()
+
+
+# ----------------------------------------------------------------------- issue 15: large sets and progress bars
+#: a synthetic store (no model: written from the analysis tests' tree) whose sets straddle a cap of 5 images per set
+LARGE_SETS = {"cats": 23, "dogs": 14, "white_noise": 4}
+
+
+@pytest.fixture(scope="module")
+def large_store(tmp_path_factory):
+    """``LARGE_SETS`` laid out as a store (root format attribute, variable-length strings), chunks of 4 images."""
+    from analysis_fixtures import make_tree
+
+    from cnndiff_xr import schema
+
+    tree = make_tree(sets=LARGE_SETS, chunk=4)[0]
+    tree.attrs[schema.FORMAT_ATTR] = schema.FORMAT
+    tree = tree.map_over_datasets(lambda ds: ds.assign_coords(
+        {c: ds[c].astype(object) for c in (schema.IMAGE_DIM, schema.SET_COORD, "source") if c in ds.coords}))
+    path = str(tmp_path_factory.mktemp("large") / "large.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Zarr: consolidated metadata is not in the v3 specification
+        tree.to_zarr(path, mode="w", consolidated=True)
+    assert store.is_store(path)
+    return path
+
+
+@pytest.fixture
+def titles(monkeypatch):
+    """The figures ``cnndiff plot`` draws in this process, by file name: title and heatmap panels' image rows."""
+    from cnndiff_xr import plot
+
+    seen: dict[str, dict] = {}
+    real_save = plot.save
+
+    def looking_save(fig, path_stem, *args, **kwargs):
+        title = fig._suptitle.get_text() if fig._suptitle else ""
+        rows = {(ax.get_title() or ax.get_ylabel()): ax.images[0].get_array().shape[0]
+                for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"}
+        stem = Path(path_stem)  # under the staging folder: name it as under --out
+        seen[f"filter_means/{stem.name}" if stem.parent.name == "filter_means" else stem.name] = {
+            "title": title, "rows": rows}
+        return real_save(fig, path_stem, *args, **kwargs)
+
+    monkeypatch.setattr(plot, "save", looking_save)
+    return seen
+
+
+def test_plot_of_a_large_store_draws_a_named_sample(large_store, tmp_path, titles):
+    code, printed, err = _main(["plot", large_store, "--out", str(tmp_path / "capped"), "--max-images-per-set", "5",
+                                "--rdm-units", "50"])
+    assert code == 0, err
+    assert "rdms.png" in printed and "filter_means/block1_conv1.png" in printed
+    expected_rows = {name: min(n, 5) for name, n in LARGE_SETS.items()}
+    for name in ("filter_means/block1_conv1", "filter_means/predictions", "predictions", "rdms"):
+        title = titles[name]["title"]
+        assert "at most 5 images per set, seeded sample (seed 0): " in title, (name, title)
+        assert all(part in title for part in ("cats 5 of 23", "dogs 5 of 14", "white_noise all 4")), title
+    assert titles["filter_means/block1_conv1"]["rows"] == expected_rows
+    assert titles["predictions"]["rows"] == expected_rows
+    assert set(titles["rdms"]["rows"].values()) == {sum(expected_rows.values())}  # 14 x 14 panels
+    # the default cap (500) is above every set: every image, and not a word about a sample
+    titles.clear()
+    code, _, err = _main(["plot", large_store, "--out", str(tmp_path / "all"), "--rdm-units", "50"])
+    assert code == 0, err
+    assert titles["filter_means/block1_conv1"]["rows"] == LARGE_SETS
+    assert not [name for name, seen in titles.items() if "images per set" in seen["title"]]
+    code, _, err = _main(["plot", large_store, "--out", str(tmp_path / "bad"), "--max-images-per-set", "0"])
+    assert code == 2 and "--max-images-per-set" in err and "at least 1" in err, err
+
+
+def test_plot_of_a_large_summarize_file_draws_a_named_sample(large_store, local_client, tmp_path, titles):
+    out = tmp_path / "fm.nc"
+    code, _, err = _main(["summarize", large_store, "--out", str(out), "--scheduler", local_client.scheduler.address])
+    assert code == 0, err
+    code, _, err = _main(["plot", str(out), "--out", str(tmp_path / "figs"), "--max-images-per-set", "5"])
+    assert code == 0, err
+    for name in ("filter_means/input_layer", "filter_means/block1_pool"):
+        assert "at most 5 images per set, seeded sample (seed 0): " in titles[name]["title"]
+        assert titles[name]["rows"] == {name: min(n, 5) for name, n in LARGE_SETS.items()}
+    # the same images as the store's figures (the sample depends on the sets' images only)
+    titles.clear()
+    code, _, err = _main(["plot", str(out), "--out", str(tmp_path / "whole")])
+    assert code == 0 and titles["filter_means/block1_pool"]["rows"] == LARGE_SETS, err
+    assert "images per set" not in titles["filter_means/block1_pool"]["title"]
+
+
+def _user_env() -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return {k: v for k, v in env.items() if v}
+
+
+def run_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """``cnndiff ARGS`` in a subprocess whose stderr is a terminal (a pseudo-terminal; stdout a file, as when a user
+    redirects the tables): exit code, stdout, and everything written to the terminal."""
+    import pty
+    import tempfile
+
+    master, slave = pty.openpty()
+    with tempfile.TemporaryFile() as stdout:
+        proc = subprocess.Popen([CNNDIFF, *args], stdin=subprocess.DEVNULL, stdout=stdout, stderr=slave,
+                                env=_user_env())
+        os.close(slave)
+        received = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            received.append(data)
+        code = proc.wait(timeout=600)
+        os.close(master)
+        stdout.seek(0)
+        return code, stdout.read().decode(), b"".join(received).decode(errors="replace")
+
+
+#: a progress bar, dask's or distributed's (they draw the same line)
+BAR = re.compile(r"\[#+ *\] \| \d+% Completed")
+
+
+def test_progress_bars_on_a_terminal(large_store, local_client, tmp_path):
+    address = local_client.scheduler.address
+    commands = {
+        "differentiation": ["differentiation", large_store, "--n-units", "20", "--resamples", "2",
+                            "--scheduler", address],  # on a Client: distributed's bar
+        "summarize": ["summarize", large_store, "--out", str(tmp_path / "fm.nc"), "--scheduler", address],
+        "plot": ["plot", large_store, "--out", str(tmp_path / "figs"), "--rdm-units", "50", "--layers",
+                 "block1_pool"],  # dask's local bar (one layer: matplotlib takes most of the time)
+    }
+    for name, args in commands.items():
+        code, out, err = run_on_a_terminal(*args)
+        assert code == 0, err[-3000:]
+        assert BAR.search(err) and "100% Completed" in err, (name, err[-2000:])
+        assert "Completed" not in out, (name, out)  # stdout keeps only the command's output
+
+
+@contextlib.contextmanager
+def _stderr_on_a_terminal() -> Iterator[list[bytes]]:
+    """This process's ``sys.stderr`` on a pseudo-terminal for the block; yields what reached the terminal (drained
+    by a thread, so that a bar never fills the terminal's buffer and blocks the writer)."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            received.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with os.fdopen(slave, "w") as terminal, contextlib.redirect_stderr(terminal):
+        assert sys.stderr.isatty()
+        yield received
+    reader.join(timeout=10)
+    os.close(master)
+
+
+def test_no_progress_bar_in_logs_or_with_quiet(large_store, local_client, tmp_path):
+    address = local_client.scheduler.address
+    # stderr to a pipe, as in a CI log: no bar
+    proc = run("differentiation", large_store, "--n-units", "20", "--resamples", "2", "--scheduler", address)
+    assert "Completed" not in proc.stderr and "Completed" not in proc.stdout, proc.stderr[-2000:]
+    # --quiet with stderr on a terminal, and stderr not a terminal, for every command (in this process)
+    def commands(run_name: str) -> dict[str, list[str]]:
+        return {
+            "differentiation": ["differentiation", large_store, "--n-units", "20", "--resamples", "2",
+                                "--scheduler", address],
+            "summarize": ["summarize", large_store, "--out", str(tmp_path / f"fm_{run_name}.nc"),
+                          "--scheduler", address],
+            "plot": ["plot", large_store, "--out", str(tmp_path / f"figs_{run_name}"), "--rdm-units", "50",
+                     "--layers", "block1_pool"],
+        }
+
+    for name, args in commands("quiet").items():
+        with _stderr_on_a_terminal() as received:
+            code, _, err = _main([*args, "--quiet"])
+        assert code == 0, err[-2000:]
+        assert b"Completed" not in b"".join(received), (name, b"".join(received)[-2000:])
+    for name, args in commands("log").items():
+        code, out, err = _main(args)
+        assert code == 0 and "Completed" not in err + out, (name, err[-2000:])

@@ -48,8 +48,9 @@ def check_against_reference(t, result, norm, metric, reduction, unit_type="rando
         for n in result["n_units"].values:
             for r in result["resample"].values:
                 for s in result["set"].values:
+                    # "top": the units of all analysed images, the sets of the call together
                     units = unit_indices(t, str(layer), int(n), unit_type, seed, int(r),
-                                         sets=[str(s)] if unit_type == "top" else None)
+                                         sets=[str(v) for v in result["set"].values] if unit_type == "top" else None)
                     x = layer_matrix(t, str(layer), str(s), units)
                     expected = reference_reduce(reference_distances(x, norm, metric), reduction)
                     got = float(result.sel(set=s, layer=layer, n_units=n, resample=r))

@@ -27,6 +27,8 @@ CASES = [
     dict(n_units=[30], resamples=1, metric="cosine", norm="none"),
     dict(n_units=[30], resamples=1, norm="none", reduction="mean"),
     dict(n_units=[25], resamples=2, unit_type="per_filter"),
+    # re-pinned in issue 15, by design: "top" ranks units over all analysed images (every set the same units), not
+    # per set; the predictions layer (10 units < 25: all units) kept its values
     dict(n_units=[25], resamples=1, unit_type="top"),
     dict(n_units=[40], resamples=2, block_size=4),  # several row blocks: collected median
     dict(n_units=[40], resamples=1, block_size=4, metric="correlation", reduction="mean"),

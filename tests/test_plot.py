@@ -14,10 +14,12 @@ import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import xarray as xr
 from analysis_fixtures import make_tree, synchronous
 
 import cnndiff_xr as cx
 from cnndiff_xr import plot
+from cnndiff_xr.validation import ParameterTypeError, ParameterValueError
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +336,194 @@ def test_result_figures_draw_r2_from_three_sets(tmp_path, drawn):
     assert (tmp_path / "three" / "stimulus_vs_layer_r2.png") in three
     r2 = drawn[str(tmp_path / "three" / "stimulus_vs_layer_r2")]
     assert any("nearly meaningless" in text for ax in r2["axes"] for text in ax["texts"])
+
+
+# ------------------------------------------------------------------------------------------------ issue 15: large sets
+# Store and filter-mean figures draw at most ``max_images_per_set`` images per set (a seeded sample, chosen before
+# anything is read) and say so in every title; below the cap nothing changes and nothing is said.
+LARGE_SETS = {"cats": 23, "dogs": 14, "white_noise": 4}  # above, above and below a cap of 5
+
+
+def _rows_by_set(description):
+    """The number of image rows of each heatmap panel, by the panel's set (title or y label)."""
+    rows = {}
+    for ax in description["axes"]:
+        if ax["clims"]:
+            name = ax["title"] or ax["ylabel"]
+            rows[name] = ax
+    return rows
+
+
+def test_image_sample_is_seeded_per_set_and_capped():
+    labels = np.array(["b"] * 30 + ["a"] * 12 + ["c"] * 3)[np.random.default_rng(3).permutation(45)]
+    sample = plot.image_sample(labels, max_images_per_set=5)
+    order = list(dict.fromkeys(labels))  # the sets in order of first appearance, as the figures show them
+    assert list(sample.total) == order and sample.total == {"b": 30, "a": 12, "c": 3}
+    assert sample.shown == {"b": 5, "a": 5, "c": 3}
+    chosen = labels[sample.positions]
+    assert {name: int(np.sum(chosen == name)) for name in ("a", "b", "c")} == {"a": 5, "b": 5, "c": 3}
+    assert np.all(np.diff(sample.positions) > 0)  # sorted, no repeats: the images keep their order
+    assert np.array_equal(plot.image_sample(labels, max_images_per_set=5).positions, sample.positions)  # seeded
+    assert not np.array_equal(plot.image_sample(labels, max_images_per_set=5, seed=1).positions, sample.positions)
+    # a set's sample depends on its own images only: not on the other sets, nor on their order
+    alone = plot.image_sample(labels[labels == "b"], max_images_per_set=5)
+    assert np.array_equal(np.flatnonzero(labels == "b")[alone.positions], sample.positions[chosen == "b"])
+    parts = {"b": "b 5 of 30", "a": "a 5 of 12", "c": "c all 3"}
+    assert sample.note() == f"at most 5 images per set, seeded sample (seed 0): {', '.join(parts[n] for n in order)}"
+    assert plot.image_sample(["x"] * 20 + ["y"] * 20, max_images_per_set=5).note() == (
+        "5 of 20 images per set, seeded sample (seed 0)")
+    below = plot.image_sample(labels, max_images_per_set=30)
+    assert not below.subsampled and below.note() is None and np.array_equal(below.positions, np.arange(45))
+    with pytest.raises(ParameterValueError, match="max_images_per_set must be an integer >= 1"):
+        plot.image_sample(labels, max_images_per_set=0)
+    with pytest.raises(ParameterTypeError, match="max_images_per_set"):
+        plot.image_sample(labels, max_images_per_set=2.5)
+
+
+def test_store_figures_of_large_sets_draw_a_named_sample(tmp_path, drawn):
+    tree, raw = make_tree(sets=LARGE_SETS, counting=True, chunk=4)
+    with dask.config.set(scheduler="synchronous"):
+        inputs = plot.store_figure_inputs(tree, rdm_units=1000, max_images_per_set=5)  # every unit of each layer
+        sample = inputs["sample"]
+        images = tree["image"].values[sample.positions]
+        for a in raw.values():
+            a.reads = 0
+        (computed,) = dask.compute(inputs)
+    # only the chunks that hold sampled images are read, each once for all the figures
+    touched = np.unique(sample.positions // 4).size
+    assert touched < -(-sum(LARGE_SETS.values()) // 4)
+    assert {a.reads for a in raw.values()} == {touched}
+    plot.write_store_figures(tree, computed, tmp_path, note="synthetic")
+    note = "at most 5 images per set, seeded sample (seed 0): "
+    for name in ["filter_means/input_layer", "filter_means/block1_conv1", "filter_means/predictions", "predictions",
+                 "rdms"]:
+        title = drawn[str(tmp_path / name)]["suptitle"]
+        assert "synthetic" in title and note in title, (name, title)
+        for set_name, n in LARGE_SETS.items():
+            assert (f"{set_name} all {n}" if n <= 5 else f"{set_name} 5 of {n}") in title
+    # every figure draws exactly the sampled rows, and the same images
+    for name in ["filter_means/block1_conv1", "predictions"]:
+        panels = _rows_by_set(drawn[str(tmp_path / name)])
+        assert set(panels) == set(LARGE_SETS)
+        for set_name, ax in panels.items():
+            shown = [text for text, _ in ax["ytick_labels"]]
+            assert shown == [str(i) for i in images[tree["set"].values[sample.positions] == set_name]]
+    rdm = computed["rdms"]["block1_conv1"]
+    assert rdm.shape == (len(images), len(images)) == (5 + 5 + 4,) * 2
+    assert list(rdm["image"].values) == list(images)
+    assert list(computed["filter_means"]["block1_conv1"]["image"].values) == list(images)
+    # the sampled RDM is the RDM of the sampled images, and their distances plain numpy's (norm "layer": one SD over
+    # the sampled images' units)
+    subset = cx.select(tree, image=images)
+    with dask.config.set(scheduler="synchronous"):
+        np.testing.assert_array_equal(rdm.values, cx.rdm(subset, layer="block1_conv1", n_units=1000).values)
+    x = raw["block1_conv1"].array[sample.positions].reshape(len(images), -1).astype(np.float64)
+    expected = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)) / (x.std() * np.sqrt(x.shape[1]))
+    np.testing.assert_allclose(rdm.values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_store_figures_below_the_cap_say_nothing_and_change_nothing(tmp_path, drawn):
+    tree = make_tree(sets=LARGE_SETS)[0]
+    with dask.config.set(scheduler="synchronous"):
+        inputs = plot.store_figure_inputs(tree, rdm_units=100, max_images_per_set=23)
+        assert not inputs["sample"].subsampled
+        # the very graphs of the whole store: the same keys as the analyses called directly
+        assert inputs["rdms"]["block1_conv1"].data.name == cx.rdm(tree, layer="block1_conv1", n_units=100).data.name
+        (computed,) = dask.compute(inputs)
+    assert computed["rdms"]["block1_conv1"].shape == (41, 41)
+    plot.write_store_figures(tree, computed, tmp_path)
+    for name in ["filter_means/block1_conv1", "predictions", "rdms"]:
+        title = drawn[str(tmp_path / name)]["suptitle"]
+        assert "images per set" not in title and "sample" not in title, title
+
+
+def test_the_sample_and_its_graph_keys_follow_the_cap_and_the_seed():
+    tree = make_tree(sets=LARGE_SETS)[0]
+
+    def rdm_name(**kwargs):
+        return plot.store_figure_inputs(tree, rdm_units=100, **kwargs)["rdms"]["block1_conv1"].data.name
+
+    assert rdm_name(max_images_per_set=5) == rdm_name(max_images_per_set=5)
+    assert len({rdm_name(max_images_per_set=5), rdm_name(max_images_per_set=6),
+                rdm_name(max_images_per_set=5, sample_seed=1)}) == 3
+    with pytest.raises(ParameterValueError, match="max_images_per_set"):
+        plot.store_figure_inputs(tree, max_images_per_set=0)
+
+
+def test_filter_mean_files_of_large_sets_draw_a_named_sample(tmp_path, drawn):
+    # the heatmaps of a 'cnndiff summarize' file (not the store): the same sample, chosen before the rows are read
+    tree = make_tree(sets=LARGE_SETS)[0]
+    with dask.config.set(scheduler="synchronous"):
+        fm = cx.filter_means(tree, zscore=False)
+    fm.to_zarr(tmp_path / "fm.zarr")
+    opened = xr.open_datatree(tmp_path / "fm.zarr", engine="zarr")  # lazy, as 'cnndiff plot FILTER_MEANS' opens it
+    plot.write_filter_mean_figures(opened, tmp_path, layers=["block1_pool"], unit_names={}, colours=plot.set_colours(
+        LARGE_SETS), max_images_per_set=5)
+    figure = drawn[str(tmp_path / "filter_means" / "block1_pool")]
+    note = figure["suptitle"].split("\n")[-1]
+    assert note.startswith("at most 5 images per set, seeded sample (seed 0): ")
+    assert sorted(note.split(": ")[1].split(", ")) == ["cats 5 of 23", "dogs 5 of 14", "white_noise all 4"]
+    sample = plot.image_sample(tree["set"].values, max_images_per_set=5)
+    panels = _rows_by_set(figure)
+    for set_name, ax in panels.items():
+        keep = tree["set"].values[sample.positions] == set_name
+        assert [t for t, _ in ax["ytick_labels"]] == list(tree["image"].values[sample.positions][keep])
+    # the drawn values are the file's rows of the sampled images
+    fig, axes = plot.filter_mean_heatmap(opened["block1_pool"]["filter_mean"].isel(image=sample.positions))
+    cats = fm["block1_pool"]["filter_mean"].values[sample.positions][tree["set"].values[sample.positions] == "cats"]
+    np.testing.assert_array_equal(axes[[ax.get_title() for ax in axes].index("cats")].images[0].get_array(), cats)
+    plt.close(fig)
+
+
+def test_a_reduced_store_draws_the_same_sample_as_the_full_store():
+    # the sample is taken on the tree (its layers and their stored means alike): a reduced store's sampled RDMs are
+    # its full store's, bit for bit, and its heatmaps those of the means stored at extraction
+    from analysis_fixtures import reduce_tree
+
+    full = make_tree(sets=LARGE_SETS)[0]
+    reduced = reduce_tree(full, cx.UnitDraws(n_units=(20,), resamples=1, seed=0), filter_means=True)
+    with dask.config.set(scheduler="synchronous"):
+        got, expected = dask.compute(plot.store_figure_inputs(reduced, rdm_units=20, max_images_per_set=5),
+                                     plot.store_figure_inputs(full, rdm_units=20, max_images_per_set=5))
+    assert got["sample"].note() == expected["sample"].note() and got["sample"].subsampled
+    for layer, rdm in expected["rdms"].items():
+        assert rdm.shape == (14, 14)
+        np.testing.assert_array_equal(got["rdms"][layer].values, rdm.values)
+        np.testing.assert_allclose(got["filter_means"][layer]["filter_mean"].values,
+                                   expected["filter_means"][layer]["filter_mean"].values, rtol=1e-6, atol=1e-6)
+
+
+def test_large_sets_keep_figures_a_readable_size():
+    # 500 images per set made a filter-mean figure 70 inches tall and the prediction heatmap 200; a sample's note
+    # under a two-panel RDM figure ran off both sides
+    tree = make_tree(sets={"cats": 200, "dogs": 150}, layers={"block1_conv1": (3, 3, 4), "predictions": (5,)})[0]
+    with dask.config.set(scheduler="synchronous"):
+        (inputs,) = dask.compute(plot.store_figure_inputs(tree, rdm_units=100, max_images_per_set=120))
+    fig, axes = plot.filter_mean_heatmap(inputs["filter_means"]["block1_conv1"]["filter_mean"])
+    assert fig.get_figheight() <= 6 and [ax.images[0].get_array().shape[0] for ax in axes] == [120, 120]
+    assert axes[0].get_ylabel() == "image (index among those shown)"  # not the image's index in its set
+    plt.close(fig)
+    fig, axes = plot.prediction_heatmap(inputs["predictions"])
+    assert fig.get_figheight() <= 12 and [ax.images[0].get_array().shape[0] for ax in axes] == [120, 120]
+    plt.close(fig)
+    note = inputs["sample"].note()
+    assert "cats 120 of 200" in note and "dogs 120 of 150" in note
+    long_note = f"{note}; " * 3
+    fig, _ = plot.rdm_panels(inputs["rdms"], note=long_note)
+    width = fig.get_figwidth() * 72 / 6  # characters of ~0.6 em at 10 pt
+    lines = fig._suptitle.get_text().split("\n")
+    assert len(lines) > 2 and max(len(line) for line in lines) <= width
+    assert " ".join(lines[1:]).split() == long_note.split()  # wrapped, not cut
+    plt.close(fig)
+
+
+def test_a_cap_above_the_default_is_kept_by_every_figure(tmp_path, drawn):
+    tree = make_tree(sets={"cats": 510, "dogs": 520}, layers={"block1_conv1": (2, 2, 3), "predictions": (4,)})[0]
+    with dask.config.set(scheduler="synchronous"):
+        (inputs,) = dask.compute(plot.store_figure_inputs(tree, rdm_units=10, max_images_per_set=515))
+    plot.write_store_figures(tree, inputs, tmp_path)
+    for name in ("filter_means/block1_conv1", "predictions"):
+        figure = drawn[str(tmp_path / name)]
+        assert figure["suptitle"].count("images per set") == 1  # one note: the means are not sampled again
+        assert "cats all 510, dogs 515 of 520" in figure["suptitle"] or "dogs 515 of 520, cats all 510" in \
+            figure["suptitle"]

@@ -11,6 +11,10 @@ A layer's draws for a grid of ``n_units`` x resamples are first listed without d
 that give the same units are listed once), then drawn together (:class:`UnitPlan`), for ``"top"`` inside the graph
 after a pass for the unit means (:func:`plan_for`). :func:`select_units` shows a draw as labelled coordinates.
 
+Every draw is shared by all sets of one call, ``"top"`` included: ``"top"`` ranks the units by their mean over all
+images analysed in the call (every set of a differentiation together; an RDM's images; ``select_units``' ``sets``),
+not over each set's own images, so per-draw ratios between sets (reference normalisation) compare the same units.
+
 On a reduced layer (a store extracted with registered draws) the draws are computed exactly as on the full layer, from
 its logical shape; :func:`refuse_unheld` refuses those the store does not hold before any graph is built, and the
 plan maps the union to the stored columns (:attr:`UnitPlan.read`), so the gathered matrix is the full store's.
@@ -190,86 +194,75 @@ def check_single_draw(n_units: Any, unit_type: Any, seed: Any, resample: Any) ->
 
 @dataclass(frozen=True)
 class UnitPlan:
-    """Concrete units of every distinct draw (per group for ``"top"``) and their union.
+    """Concrete units of every distinct draw and their union.
 
     A chunk is gathered once, as the union of all draws (sorted: reading it is a forward
     sweep through each image's activations); ``columns`` locate each draw inside the
     union, from which row blocks take one contiguous array per draw.
+
+    Every group (set) of a call uses the same units, ``"top"`` included (its units rank the means over all analysed
+    images), so the plan holds a single group; the accessors take a group's index and serve every group from it.
     """
 
     union: np.ndarray
-    units: tuple[tuple[np.ndarray, ...], ...]  # [group][draw]; a single shared group unless "top"
+    units: tuple[tuple[np.ndarray, ...], ...]  # [group][draw]: one group, shared by every set of the call
     columns: tuple[tuple[slice | np.ndarray, ...], ...]  # [group][draw]: slice or index array into the union
     #: the columns of a stored chunk (flattened per sample) that hold the union, in its order: the union itself for
     #: a whole layer, their positions among the stored units for a reduced layer (the same gathered values)
     read: np.ndarray
 
-    def _group(self, group: int) -> int:
-        return group if len(self.units) > 1 else 0
-
     def n_draws(self, group: int) -> int:
-        return len(self.units[self._group(group)])
+        """Distinct draws (the same for every group)."""
+        return len(self.units[0])
 
     def draw(self, group: int, d: int) -> np.ndarray:
-        """Flat unit indices of draw ``d`` for ``group``."""
-        return self.units[self._group(group)][d]
+        """Flat unit indices of draw ``d`` (the same for every group)."""
+        return self.units[0][d]
 
     def positions(self, group: int, d: int) -> slice | np.ndarray:
         """Columns of draw ``d`` within the gathered union columns (a slice when contiguous)."""
-        return self.columns[self._group(group)][d]
+        return self.columns[0][d]
 
 
 def make_plan(table: DrawTable, means: np.ndarray | None = None) -> UnitPlan:
-    """Draw the units of every distinct draw (``means``: (groups, units) for ``"top"``)."""
-    groups: list[np.ndarray | None] = [None] if means is None else list(means)
+    """Draw the units of every distinct draw (``means``: the ``(units,)`` means over all analysed images, for
+    ``"top"``); one set of units serves every group of the call."""
     units = tuple(
-        tuple(
-            draw_units(
-                table.feature_shape,
-                n,
-                table.unit_type,
-                seed=table.seed,
-                layer=table.layer,
-                resample=r,
-                means=group_means,
-                filter_axis=table.filter_axis,
-            )
-            for n, r in table.keys
+        draw_units(
+            table.feature_shape,
+            n,
+            table.unit_type,
+            seed=table.seed,
+            layer=table.layer,
+            resample=r,
+            means=means,
+            filter_axis=table.filter_axis,
         )
-        for group_means in groups
+        for n, r in table.keys
     )
     chosen = np.zeros(table.size, dtype=bool)  # a mask, not np.unique: linear in the layer size
-    for group in units:
-        for u in group:
-            chosen[u] = True
+    for u in units:
+        chosen[u] = True
     union = np.flatnonzero(chosen)
     read = union if table.stored is None else stored_columns(table.stored, union, table.layer)
     where = np.empty(table.size, dtype=np.int64)  # only the union's entries are ever read
     where[union] = np.arange(union.size)
-    columns = tuple(
-        tuple(slice(0, union.size) if u.size == union.size else where[u] for u in group) for group in units
-    )
-    return UnitPlan(union, units, columns, read)
+    columns = tuple(slice(0, union.size) if u.size == union.size else where[u] for u in units)
+    return UnitPlan(union, (units,), (columns,), read)
 
 
-def _block_group_sums(block: np.ndarray, local_rows: list[np.ndarray]) -> np.ndarray:
-    flat = block.reshape(block.shape[0], -1)
-    out = np.zeros((len(local_rows), flat.shape[1]), dtype=np.float64)
-    for g, rows in enumerate(local_rows):
-        if rows.size:
-            out[g] = flat[rows].sum(axis=0, dtype=np.float64)
-    return out
+def _block_sums(block: np.ndarray, local_rows: np.ndarray) -> np.ndarray:
+    return block.reshape(block.shape[0], -1)[local_rows].sum(axis=0, dtype=np.float64)
 
 
-def _divide_rows(total: np.ndarray, counts: list[int]) -> np.ndarray:
-    return total / np.asarray(counts, dtype=np.float64)[:, None]
+def _divide(total: np.ndarray, count: int) -> np.ndarray:
+    return total / np.float64(count)
 
 
-def group_unit_means(graph: GraphBuilder, layer: LayerData, groups: Sequence[np.ndarray],
-                     index: tuple[int, ...]) -> Key:
-    """Key of the mean activation of every unit over each group of rows: ``(groups, units)``.
+def unit_means(graph: GraphBuilder, layer: LayerData, rows: np.ndarray, index: tuple[int, ...]) -> Key:
+    """Key of the mean activation of every unit over ``rows`` (sorted, unique): a ``(units,)`` float64 array.
 
-    One task per image chunk (partial sums for all groups), then a tree sum. The chunks
+    One task per image chunk that holds some of the rows (their float64 sums), then a tree sum. The chunks
     are read through a clone of the array's graph: sharing the reading tasks with the
     later gather pass would make dask hold every chunk in memory until all means are
     known, so ``"top"`` reads each chunk twice instead, each read streaming. The clone is
@@ -281,18 +274,23 @@ def group_unit_means(graph: GraphBuilder, layer: LayerData, groups: Sequence[np.
     parts: list[Key] = []
     for k, chunk in enumerate(block_keys(source)):
         lo, hi = bounds[k], bounds[k + 1]
-        local = [rows[(rows >= lo) & (rows < hi)] - lo for rows in groups]
-        if any(r.size for r in local):
-            parts.append(graph.add("unit-sums", (*index, k), _block_group_sums, chunk, local))
+        local = rows[(rows >= lo) & (rows < hi)] - lo
+        if local.size:
+            parts.append(graph.add("unit-sums", (*index, k), _block_sums, chunk, local))
     total = graph.reduce("unit-sums-total", index, parts, sum_parts)
-    return graph.add("unit-means", index, _divide_rows, total, [len(rows) for rows in groups])
+    return graph.add("unit-means", index, _divide, total, int(rows.size))
 
 
 def plan_for(graph: GraphBuilder, table: DrawTable, layer: LayerData, groups: Sequence[np.ndarray],
              index: tuple[int, ...]) -> Key:
-    """Key of the layer's :class:`UnitPlan` (``"top"``: after a pass for the unit means of each group of rows)."""
+    """Key of the layer's :class:`UnitPlan`, one for all ``groups`` (row indices of each analysed set).
+
+    ``"top"`` (fewer than all units) adds a pass for the unit means over the rows of all groups together, so every
+    group gets the same units: those with the highest mean over every image analysed in the call.
+    """
     if table.needs_unit_means():
-        return graph.add("plan", index, make_plan, table, group_unit_means(graph, layer, groups, index))
+        rows = np.unique(np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]))
+        return graph.add("plan", index, make_plan, table, unit_means(graph, layer, rows, index))
     return graph.add("plan", index, make_plan, table)
 
 
@@ -321,7 +319,8 @@ def select_units(
     """The units one draw uses, as labelled coordinates.
 
     :func:`cnndiff_xr.differentiation` and :func:`cnndiff_xr.rdm` use exactly these units
-    for ``(layer, n_units, seed, resample)`` (for ``"top"``: over the same images).
+    for ``(layer, n_units, seed, resample)`` (for ``"top"``: when they analyse the same images -- the sets of a
+    differentiation call together, the images of an RDM -- as ``sets`` here).
 
     Parameters
     ----------
@@ -330,10 +329,12 @@ def select_units(
     layer
         Layer name; may be omitted when there is a single layer.
     n_units, unit_type, seed, resample
-        The draw; see :func:`draw_units`. ``"top"`` ranks units by their mean over the
-        images of ``sets`` (all images when ``None``) and does not depend on ``seed``.
+        The draw; see :func:`draw_units`. ``"top"``: the ``n_units`` units with the highest mean over all
+        images of ``sets`` together (all images when ``None``), ties to the lower flat index; it does not
+        depend on ``seed`` or ``resample``.
     sets
-        Images whose means rank the units for ``"top"``.
+        Images whose means rank the units for ``"top"``: pass the sets of the differentiation call (every set
+        of that call uses these same units) or those of the RDM.
     sample_dim, set_coord, filter_dim
         Names of the sample dimension, the set coordinate along it, and the filter
         dimension (for ``unit_type="per_filter"``).

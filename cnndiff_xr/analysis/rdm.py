@@ -58,7 +58,9 @@ def rdm(
         Layer name (may be omitted when the data have a single layer).
     n_units, unit_type, seed, resample
         The unit draw, as :func:`cnndiff_xr.select_units` (same units as
-        :func:`cnndiff_xr.differentiation` uses for that draw).
+        :func:`cnndiff_xr.differentiation` uses for that draw). ``"top"``: the units with the highest mean
+        over all images of the RDM (``sets`` together), ties to the lower flat index; the same units as a
+        differentiation of the same ``sets``.
     norm, metric, constant
         See :mod:`cnndiff_xr.analysis.metrics`. ``norm="layer"`` scales by the SD over all images
         of the RDM (``sets``), so an RDM of one set matches that set's differentiation.

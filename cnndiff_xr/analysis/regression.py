@@ -133,7 +133,9 @@ def rdm_regression(
     tree
         A store tree, or any DataArray/Dataset with a sample dimension (as :func:`cnndiff_xr.rdm`).
     n_units, unit_type, seed, resample
-        The unit draw of every layer, as :func:`cnndiff_xr.select_units`.
+        The unit draw of every layer, as :func:`cnndiff_xr.select_units`. ``"top"``: per layer, the units with
+        the highest mean over the images of all analysed sets together (``select_units(..., sets=sets)``), so
+        every set uses the same units -- not those of ``cx.rdm`` of that set alone, which ranks its own images.
     norm, metric, constant
         The distance; see :mod:`cnndiff_xr.analysis.metrics`.
     layers, sets

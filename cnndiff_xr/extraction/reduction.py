@@ -54,14 +54,16 @@ class Reduction:
         return self.units is None and not self.filter_means
 
     def means_for(self, layer: str, shape: Sequence[int]) -> bool:
-        """Whether the means of ``layer`` are stored: with ``filter_means``, for every layer but a dense one kept
-        whole, whose filter means are its activations (stored already; a copy would add 4 bytes per unit)."""
-        return self.filter_means and not (len(shape) == 1 and self.kept(layer, shape) is None)
+        """Whether the means of ``layer`` are stored: with ``filter_means``, for every layer with positions (a dense
+        layer's filter means are its activations, and with ``filter_means`` it is kept whole)."""
+        return self.filter_means and len(shape) > 1
 
     def kept(self, layer: str, shape: Sequence[int]) -> np.ndarray | None:
         """Sorted flat indices of the units of ``layer`` (per-image ``shape``, channels last) that are kept; None for
         every unit."""
-        if self.units is None:
+        if self.units is None or (self.filter_means and len(shape) == 1):
+            # with filter means, a dense layer is kept whole: its filter means are its activations, and storing them
+            # beside its kept units would take more room (4 bytes per unit) than the whole layer in the store's dtype
             return None
         return _kept_units(self.units, layer, tuple(int(s) for s in shape))
 

@@ -193,22 +193,25 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef])
 def size_report(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: Dtype,
                 reduction: Reduction | None = None) -> str:
     """The size preflight: exact uncompressed bytes per layer and in total (of what is kept: a reduced store's layers
-    hold only their kept units, next to the full size)."""
+    hold only their kept units, shown next to the full size; stored filter means included)."""
     reduction = reduction if reduction is not None else Reduction()
     full = _store.uncompressed_nbytes(shapes, n_images, dtype)
     kept = _store.kept_nbytes(shapes, n_images, dtype, reduction)
     width = max(map(len, full)) if full else 5
     reduced = reduction.units is not None
     what = "" if not reduced else f", keeping the units of draws {reduction.units.describe()}"  # type: ignore[union-attr]
+    if reduction.filter_means:
+        what += ", with filter means"
     lines = [f"store size before compression, {n_images} images, {dtype}{what}:"]
     for name, b in full.items():
         line = f"  {name:<{width}}  {str(tuple(shapes[name])):<18} {_store.format_bytes(kept[name]):>10}"
         if reduced:
-            line += " (whole)" if kept[name] == b else f" of {_store.format_bytes(b)}"
+            whole = reduction.kept(name, shapes[name]) is None
+            line += " (whole)" if whole else f" (every unit: {_store.format_bytes(b)})"
         lines.append(line)
     total = f"  {'total':<{width}}  {'':<18} {_store.format_bytes(sum(kept.values())):>10}"
     if reduced:
-        total += f" of {_store.format_bytes(sum(full.values()))} for every unit"
+        total += f" (every unit: {_store.format_bytes(sum(full.values()))})"
     lines.append(total)
     return "\n".join(lines)
 

@@ -767,6 +767,9 @@ def info(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[
     for name in attrs[LAYERS_ATTR]:
         arr = group[activation_path(name)]
         raw = int(np.prod(arr.shape, dtype=np.int64) * arr.dtype.itemsize)
+        if MEANS_GROUP in group[name]:  # the stored means are data too (what "on disk" below also counts)
+            raw += sum(int(np.prod(a.shape, dtype=np.int64) * a.dtype.itemsize)
+                       for _, a in group[means_path(name)].arrays())
         disk = _disk_bytes(url, name, storage_options)  # the layer's group: activations and means
         full_shape = arr.attrs.get(LAYER_SHAPE_ATTR)  # only reduced layers record it
         units = int(np.prod(full_shape if full_shape is not None else arr.shape[1:], dtype=np.int64))
