@@ -77,14 +77,14 @@ def test_one_task_median_is_numpy_median_bit_for_bit():
 
 
 @pytest.fixture
-def radix(monkeypatch):
-    """Force the two-pass radix select for every set that spans several row blocks."""
+def window(monkeypatch):
+    """Force the one-pass window median (none collected) for every set that spans several row blocks."""
     monkeypatch.setattr(median, "MEDIAN_IN_MEMORY_BYTES", 0)
 
 
 @pytest.mark.parametrize("norm, metric", COMBOS)
-def test_radix_select_path_matches_reference(tree, norm, metric, radix):
-    # block_size=4: every set spans several row blocks, so the median takes the two-pass radix select
+def test_window_median_path_matches_reference(tree, norm, metric, window):
+    # block_size=4: every set spans several row blocks, so the median takes the one-pass window
     for reduction in ("median", "mean"):
         d = cx.differentiation(tree, n_units=25, norm=norm, metric=metric, reduction=reduction, resamples=1,
                                block_size=4).compute()
@@ -106,7 +106,7 @@ def test_float16_store_is_accumulated_in_float64():
 
 
 @pytest.mark.parametrize("n", [3000, 2999])
-def test_exact_median_of_thousands_of_images(n, radix):
+def test_exact_median_of_thousands_of_images(n, window):
     """Even (n=3000: 4,498,500 pairs) and odd (n=2999) pair counts, with many tied values."""
     rng = np.random.default_rng(n)
     x = np.maximum(rng.normal(size=(n, 24)), 0).astype(np.float32)
@@ -118,25 +118,25 @@ def test_exact_median_of_thousands_of_images(n, radix):
         assert abs(got - expected) <= 1e-7 * expected, (norm, got, expected)
 
 
-def test_radix_select_refuses_a_distance_that_may_be_negative(tree, radix, monkeypatch):
-    """The radix select orders distances by their float32 bits: a spec that does not promise non-negative values
-    is refused when the graph is built (one that sets fit in one block or that collects takes no radix select)."""
+def test_window_median_refuses_a_distance_that_may_be_negative(tree, window, monkeypatch):
+    """The window median's fallback orders distances by their float32 bits: a spec that does not promise
+    non-negative values is refused when the graph is built (one whose sets fit one block or are collected is not)."""
     signed = dataclasses.replace(metrics.DISTANCES[("layer", "euclidean")], non_negative=False)
     monkeypatch.setattr(metrics, "DISTANCES", {**metrics.DISTANCES, ("layer", "euclidean"): signed})
     with pytest.raises(ValueError, match="non-negative"):
         cx.differentiation(tree, n_units=10, resamples=1, block_size=4)
-    cx.differentiation(tree, n_units=10, resamples=1)  # one block per set: no radix select
+    cx.differentiation(tree, n_units=10, resamples=1)  # one block per set: no window
     cx.differentiation(tree, n_units=10, resamples=1, block_size=4, reduction="mean")
 
 
-def test_single_block_collected_and_radix_paths_agree(tree, monkeypatch):
+def test_single_block_collected_and_window_paths_agree(tree, monkeypatch):
     one = cx.differentiation(tree, n_units=[15, 50], resamples=3).compute()
     collected = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
     # other row blocks -> other float32 product shapes: each within DISTANCE_RTOL of float64
     np.testing.assert_allclose(one.values, collected.values, rtol=2 * DISTANCE_RTOL)
     monkeypatch.setattr(median, "MEDIAN_IN_MEMORY_BYTES", 0)
-    radix = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
-    np.testing.assert_allclose(one.values, radix.values, rtol=2 * DISTANCE_RTOL)
+    windowed = cx.differentiation(tree, n_units=[15, 50], resamples=3, block_size=4).compute()
+    np.testing.assert_array_equal(collected.values, windowed.values)  # the same distances: the same median
 
 
 def test_median_of_rdm_equals_differentiation(tree):
