@@ -24,9 +24,36 @@ def _worker_state() -> dict:
     return {"env": env, "faults": faults, "pages": size // 4096}
 
 
-def test_embedded_workers_get_their_environment_and_reuse_freed_buffers():
+_STATE_SCRIPT = """
+import json
+from test_cluster import _worker_state
+from cnndiff_xr.extraction.cluster import get_client
+
+if __name__ == "__main__":
     with get_client(None, n_workers=1) as client:
         (state,) = client.run(_worker_state).values()
+    print("STATE", json.dumps(state))
+"""
+
+
+def test_embedded_workers_get_their_environment_and_reuse_freed_buffers(tmp_path):
+    # In a fresh interpreter, as a user's script starts the cluster. In the full test session this failed once
+    # (MALLOC_TRIM_THRESHOLD_ was distributed's default, 65536) while passing alone: distributed's nannies write
+    # their pre-spawn environment into their parent's os.environ before spawning, and the test process runs other
+    # clusters (session fixtures) whose nannies may do so at the same moment; not found for certain.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "state.py"
+    script.write_text(_STATE_SCRIPT)
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)}
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}  # as a fresh shell has it
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads(proc.stdout.split("STATE ", 1)[1])
     assert state["env"] == {**MALLOC_ENV, **WORKER_ENV}
     if platform.libc_ver()[0] == "glibc":  # the MALLOC_* variables are glibc's
         # served from the heap freed by the first buffer: not one fresh page per 4 KiB (16384 here)

@@ -1,10 +1,12 @@
 """Row blocks of gathered units, their statistics, and the distances of pairs of row blocks, on dask.
 
-Chunking. The units of every draw of a layer are gathered from each image chunk in one task (one read of the chunk
-for all resamples and ``n_units`` values), then each group's (set's) images are regrouped into row blocks of at most
-``block_size`` images (:func:`build_groups`); a task per pair of row blocks computes the Gram blocks of all draws
-(:func:`iter_distance_blocks`), so memory per task stays bounded whatever the number of images. A group that fits
-one row block is one task from the gathered chunks to its result (:func:`one_block_distances`).
+Chunking. The units of every draw of a layer's draw table are gathered from each image chunk in one task (one read
+of the chunk for all its resamples and ``n_units`` values; differentiation splits a table that would not fit its
+memory budget into several, each read separately), then each group's (set's) images are regrouped into row blocks of
+at most ``block_size`` images (:func:`build_groups`); a task per pair of row blocks computes the Gram blocks of all
+draws (:func:`iter_distance_blocks`, or strip by strip :func:`iter_upper_strips`), so memory per task stays bounded
+whatever the number of images. A group that fits one row block is one task from the gathered chunks to its result
+(:func:`one_block_distances`).
 
 Graph tasks get the keys they read as arguments and their static data as a small frozen dataclass:
 :class:`GroupTask` (a group of a layer), :class:`BlockPair` (a pair of its row blocks), :class:`OneBlock` (a group
@@ -27,7 +29,17 @@ from ..validation import check_choice
 from .collection import Collection, LayerData, completed_check
 from .draws import DrawTable, UnitPlan, make_plan, plan_for
 from .float16 import half_to_float
-from .gram import ROW_SQUARES, ROW_SUM, Shift, accurate_gram, one_pass_gram, pooled_scale, row_stats, symmetrise
+from .gram import (
+    ROW_SQUARES,
+    ROW_SUM,
+    Shift,
+    accurate_gram,
+    one_pass_gram,
+    pooled_scale,
+    row_stats,
+    strip_rows,
+    symmetrise,
+)
 from .graph import GraphBuilder, Key, block_keys, sum_parts
 from .metrics import DistanceSpec, distance_spec, never_degenerate
 
@@ -41,6 +53,7 @@ __all__ = [
     "build_groups",
     "iter_distance_blocks",
     "iter_pair_values",
+    "iter_upper_strips",
     "one_block_distances",
     "pairwise_distances",
 ]
@@ -111,8 +124,8 @@ class GroupStats:
     degenerate: np.ndarray  # (draws, n) bool
     centroid: tuple[np.ndarray, ...]  # (m_d,) per draw
 
-    def shift(self, d: int, rows: slice) -> Shift:
-        """The shift of draw ``d``'s rows ``rows``."""
+    def shift(self, d: int, rows: slice | np.ndarray) -> Shift:
+        """The shift of draw ``d``'s rows ``rows`` (a range, or the positions of some rows)."""
         return self.spec.row_shift(self.stats[d][:, rows], int(self.m[d]), float(self.mean[d]), self.centroid[d])
 
 
@@ -342,6 +355,54 @@ def iter_pair_values(block_a: RowBlock, block_b: RowBlock, stats: GroupStats, pa
     """Yield ``(draw, distances of the pairs i < j)`` for a pair of row blocks."""
     for d, values in iter_distance_blocks(block_a, block_b, stats, pair):
         yield d, upper_values(values, pair.same)
+
+
+def _upper_triangle(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.triu_indices(size, 1)``, kept per size: every strip of a diagonal pair takes the same one."""
+    if size not in _TRIANGLES:
+        _TRIANGLES[size] = np.triu_indices(size, 1)
+    return _TRIANGLES[size]
+
+
+_TRIANGLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def iter_upper_strips(block_a: RowBlock, block_b: RowBlock, stats: GroupStats, pair: BlockPair,
+                      draws: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(draw, distances)`` for a pair of row blocks, strip by strip: every pair ``i < j`` exactly once, in
+    pieces of about :data:`~cnndiff_xr.analysis.gram.STRIP_BYTES`, each piece either a rectangle of the block or
+    the upper triangle (flattened) of a diagonal block's square on the diagonal.
+
+    The same numbers as :func:`iter_pair_values`, bit for bit (the same Gram block and float64 redo, and every
+    conversion to distances is elementwise), without ever holding a whole block of distances or its temporaries:
+    a consumer that only counts or keeps a few of the values (the median's window) runs on strips in cache.
+    """
+    spec = stats.spec
+    sa, sb = slice(*pair.rows_a), slice(*pair.rows_b)
+    for d in range(len(stats.m)) if draws is None else draws:
+        xa, shift_a = block_a[d], stats.shift(d, sa)
+        xb: np.ndarray | None
+        if pair.same:
+            xb, shift_b = None, None
+        else:
+            xb, shift_b = block_b[d], stats.shift(d, sb)
+        g, norms_a, norms_b = accurate_gram(xa, xb, shift_a, shift_b, spec.error_bound)
+        m, sd = int(stats.m[d]), float(stats.sd[d])
+        degenerate_a, degenerate_b = stats.degenerate[d][sa], stats.degenerate[d][sb]
+        n_a, n_b = g.shape
+        step = strip_rows(n_b)
+        for lo in range(0, n_a, step):
+            hi = min(lo + step, n_a)
+            if pair.same:
+                square = spec.distances(g[lo:hi, lo:hi], norms_a[lo:hi], norms_a[lo:hi], m, sd=sd,
+                                        degenerate_a=degenerate_a[lo:hi], degenerate_b=degenerate_a[lo:hi])
+                yield d, square[_upper_triangle(hi - lo)]
+                if hi < n_b:
+                    yield d, spec.distances(g[lo:hi, hi:], norms_a[lo:hi], norms_a[hi:], m, sd=sd,
+                                            degenerate_a=degenerate_a[lo:hi], degenerate_b=degenerate_a[hi:])
+            else:
+                yield d, spec.distances(g[lo:hi], norms_a[lo:hi], norms_b, m, sd=sd,
+                                        degenerate_a=degenerate_a[lo:hi], degenerate_b=degenerate_b)
 
 
 def one_pass_distances(x: np.ndarray, spec: DistanceSpec) -> np.ndarray | None:

@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "DISTANCE_RTOL",
     "GRAM_BLOCK_COLUMNS",
+    "STRIP_BYTES",
     "ErrorBound",
     "Shift",
     "accurate_gram",
@@ -36,7 +37,9 @@ __all__ = [
     "pooled_scale",
     "row_stats",
     "similarity_error_bound",
+    "strip_rows",
     "symmetrise",
+    "unsure_pairs",
 ]
 
 #: columns per float32 Gram product; the float32 rounding error of one block's dot products
@@ -44,6 +47,9 @@ __all__ = [
 GRAM_BLOCK_COLUMNS = 4096
 #: a distance whose float32 error bound exceeds this relative error is recomputed from a float64 Gram product
 DISTANCE_RTOL = 1e-5
+#: bytes of float64 per strip of the elementwise passes over a Gram block (error bounds, distances, median
+#: windows): a strip's temporaries stay in the core's cache, where a whole block's would each stream through memory
+STRIP_BYTES = 2**19
 #: unit roundoff of float32
 _U32 = 2.0**-24
 
@@ -177,7 +183,8 @@ def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift |
     other = None if xb is None else (xb, _required(shift_b).for_dtype(xb.dtype))
     na, m = xa.shape
     nb = na if other is None else other[0].shape[0]
-    g = np.zeros((na, nb))
+    g = np.empty((na, nb))
+    part = np.empty((na, nb), np.float32)  # one product buffer for every column block
     norms_a, norms_b, sums = np.zeros(na), np.zeros(nb), np.zeros(m if with_sums else 0)
     width = min(m, GRAM_BLOCK_COLUMNS)
     buf_a = np.empty((na, width), np.float32)
@@ -187,14 +194,17 @@ def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift |
         cols = slice(lo, min(lo + width, m))
         ya = shift_a.apply(xa, cols, buf_a[:, : cols.stop - lo])
         if other is None or buf_b is None:
-            part = ya @ ya.T  # numpy runs x @ x.T as ssyrk
+            np.matmul(ya, ya.T, out=part)  # numpy runs x @ x.T as ssyrk
             norms_a += np.diagonal(part)
         else:
             yb = other[1].apply(other[0], cols, buf_b[:, : cols.stop - lo])
-            part = ya @ yb.T
+            np.matmul(ya, yb.T, out=part)
             norms_a += np.einsum("ij,ij->i", ya, ya)
             norms_b += np.einsum("ij,ij->i", yb, yb)
-        g += part
+        if lo == 0:
+            g[...] = part  # the accumulator starts as the first block's product (no pass over zeros)
+        else:
+            g += part
         if ones is not None:
             sums[cols] = ones @ ya  # BLAS sgemv: ~3x faster than ya.sum(axis=0)
     if other is None:
@@ -266,6 +276,43 @@ def similarity_error_bound(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarr
     return bound
 
 
+def strip_rows(n_columns: int) -> int:
+    """Rows per strip of an elementwise pass over a Gram block of ``n_columns`` columns: :data:`STRIP_BYTES` of
+    float64."""
+    return max(1, STRIP_BYTES // (8 * max(1, n_columns)))
+
+
+def unsure_pairs(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, bound: ErrorBound, *, same: bool
+                 ) -> np.ndarray:
+    """``bound(g, norms_a, norms_b) > DISTANCE_RTOL`` (the diagonal excluded when ``same``: distance 0 by
+    definition), strip by strip: the bound's temporaries stay in cache instead of each streaming a whole block
+    through memory, and a strip without a nearly parallel pair skips the bound. Every bound is elementwise, so the
+    mask is the same as the whole block's.
+
+    A bound must stay below :data:`DISTANCE_RTOL` wherever the cosine of the shifted vectors is at most
+    ``1 - 2 eps / DISTANCE_RTOL`` (``eps`` of :func:`euclidean_error_bound`); both bounds here do (near-duplicate
+    images are what they catch), and a new one must too, or this skips pairs it would flag."""
+    unsure = np.zeros(g.shape, dtype=bool)
+    # both bounds exceed DISTANCE_RTOL only where the shifted vectors are nearly parallel: cosine above
+    # 1 - 2 eps / DISTANCE_RTOL (the similarity bound's threshold; the Euclidean bound's, 1 - eps / DISTANCE_RTOL,
+    # is higher), so a strip without such a pair skips the bound (a margin covers the rounding of either test)
+    parallel = 1.0 - 2.0 * _eps() / DISTANCE_RTOL - 1e-6
+    scaled_a = np.sqrt(np.maximum(norms_a, 0.0)) * parallel
+    root_b = np.sqrt(np.maximum(norms_b, 0.0))
+    step = strip_rows(g.shape[1])
+    for lo in range(0, g.shape[0], step):
+        hi = min(lo + step, g.shape[0])
+        near = np.greater(g[lo:hi], np.multiply.outer(scaled_a[lo:hi], root_b))
+        if same:
+            np.fill_diagonal(near[:, lo:hi], False)  # a vector with itself: distance 0 by definition
+        if not near.any():
+            continue
+        np.greater(bound(g[lo:hi], norms_a[lo:hi], norms_b), DISTANCE_RTOL, out=unsure[lo:hi])
+    if same:
+        np.fill_diagonal(unsure, False)
+    return unsure
+
+
 def accurate_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None,
                   bound: ErrorBound, *, with_sums: bool = False) -> tuple[np.ndarray, ...]:
     """:func:`gram`, with the pairs whose error ``bound`` exceeds :data:`DISTANCE_RTOL`
@@ -273,9 +320,7 @@ def accurate_gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b
     relative error of a float64 computation."""
     out = gram(xa, xb, shift_a, shift_b, with_sums=with_sums)
     g, norms_a, norms_b = out[:3]
-    unsure = bound(g, norms_a, norms_b) > DISTANCE_RTOL
-    if xb is None:
-        np.fill_diagonal(unsure, False)  # distance 0 by definition
+    unsure = unsure_pairs(g, norms_a, norms_b, bound, same=xb is None)
     if unsure.any():
         g, norms_a, norms_b = _redo_in_float64(xa, xb, shift_a, shift_b, g, norms_a, norms_b, unsure)
     return (g, norms_a, norms_b, *out[3:])
