@@ -142,6 +142,7 @@ def measure_memory(n: int, layer_units: int, n_units: int, resamples: int, chunk
     from cnndiff_xr.analysis.differentiation import analysis_memory, draw_groups
     from cnndiff_xr.analysis.draws import draw_table
 
+    rate = best_gemm_rate(n_units)
     arr = synthetic(n, layer_units, chunk, seed=1)
     settings = {} if memory is None else {"cnndiff_xr.analysis-memory": memory}
     out: dict = {"n": n, "layer_units": layer_units, "n_units": n_units, "resamples": resamples, "cluster": cluster}
@@ -169,7 +170,9 @@ def measure_memory(n: int, layer_units: int, n_units: int, resamples: int, chunk
         table = draw_table(as_collection(arr).layer(arr.name), [n_units], resamples, unit_type="random", seed=0,
                            filter_dim="filter")
         out["groups"] = len(draw_groups(table, n, arr.dtype, budget))
-    out.update(budget=budget, peak=peak.peak, values=[float(v) for v in values.values.ravel()])
+    rate = max(rate, best_gemm_rate(n_units))
+    out.update(budget=budget, peak=peak.peak, values=[float(v) for v in values.values.ravel()], rate=rate,
+               floor=resamples * n * n * n_units / 2 / rate)
     return out
 
 
@@ -182,6 +185,18 @@ def child(args: list[str]) -> dict:
         sys.stderr.write(proc.stderr)
         raise RuntimeError(f"measurement {args} failed ({proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], units: int) -> None:
+    gib = 2**30
+    print(f"\nOne set, float32, {units} units, 1 draw, generic DataArray path, threaded scheduler")
+    print("| images | time | Gram floor* | time / floor | peak RSS |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['seconds']:.1f} s | {r['floor']:.2f} s | {r['seconds'] / r['floor']:.2f}x | "
+              f"{r['peak'] / gib:.2f} GiB |")
+    rates = ", ".join(f"{r['rate'] / 1e9:.0f}" for r in rows)
+    print(f"*N^2 m / 2 multiply-adds at the float32 GEMM rate measured in the same process ({rates} G/s)")
 
 
 def main() -> None:
@@ -210,19 +225,13 @@ def main() -> None:
     print(machine_info(), flush=True)
     gib = 2**30
     rows = []
-    for n in [int(s) for s in args.sizes.split(",")]:
+    for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
         r = child(["--_time", str(n), "--units", str(args.units), "--chunk", str(args.chunk)])
         rows.append(r)
         print(f"{n} images: {r['seconds']:.1f} s, floor {r['floor']:.2f} s ({r['rate'] / 1e9:.0f} G/s), "
               f"{r['seconds'] / r['floor']:.2f}x, peak RSS {r['peak'] / gib:.2f} GiB", flush=True)
-    print(f"\nOne set, float32, {args.units} units, 1 draw, generic DataArray path, threaded scheduler")
-    print("| images | time | Gram floor* | time / floor | peak RSS |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['n']:,} | {r['seconds']:.1f} s | {r['floor']:.2f} s | {r['seconds'] / r['floor']:.2f}x | "
-              f"{r['peak'] / gib:.2f} GiB |")
-    rates = ", ".join(f"{r['rate'] / 1e9:.0f}" for r in rows)
-    print(f"*N^2 m / 2 multiply-adds at the float32 GEMM rate measured in the same process ({rates} G/s)")
+    if rows:
+        print_table(rows, args.units)
     if args.no_memory_run:
         return
     extra = [] if args.memory is None else ["--memory", args.memory]
@@ -230,7 +239,8 @@ def main() -> None:
     for mode in ["threads", *(["cluster"] if args.cluster else [])]:
         r = child(["--_memory", mode, *base])
         print(f"\nMemory run ({mode}): {r['n']:,} images x 10 draws of 10,000 units from a {r['layer_units']:,}-unit "
-              f"layer: {r['seconds']:.1f} s, budget {r['budget'] / gib:.2f} GiB -> {r['groups']} draw groups "
+              f"layer: {r['seconds']:.1f} s ({r['seconds'] / r['floor']:.2f}x its Gram floor of {r['floor']:.1f} s at "
+              f"{r['rate'] / 1e9:.0f} G/s), budget {r['budget'] / gib:.2f} GiB -> {r['groups']} draw groups "
               f"(reads of the layer), peak RSS {r['peak'] / gib:.2f} GiB", flush=True)
         if mode == "cluster":
             peaks = ", ".join(f"{p / gib:.2f}" for p in r["worker_peaks"])
