@@ -28,6 +28,7 @@ from typing import Any
 import dask
 import numpy as np
 from distributed import Client, LocalCluster, WorkerPlugin, get_worker
+from distributed.utils import silence_logging_cmgr
 
 from ..options import Dtype
 from ..validation import ParameterTypeError, ParameterValueError, check_bool, check_optional_int, is_int
@@ -232,7 +233,14 @@ def get_client(
                                    memory_limit=memory_limit, dashboard_address=":0",
                                    silence_logs=logging.WARNING if verbose() else logging.CRITICAL, **kwargs)
         with cluster, Client(cluster) as local_client:
-            yield local_client
+            try:
+                yield local_client
+            finally:
+                if not verbose():
+                    # Closing logs at CRITICAL, with a traceback, what the scheduler could not tell a client already
+                    # gone (seen after Ctrl-C: "Closed comm ... while trying to write lost-data"): noise for a
+                    # cluster that is ending anyway. Entered on `running`, so it lasts until the cluster is closed.
+                    running.enter_context(silence_logging_cmgr(logging.CRITICAL + 1))
 
 
 def _check_memory_limit(memory_limit: Any) -> None:
