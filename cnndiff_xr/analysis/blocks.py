@@ -76,7 +76,7 @@ class GroupTask:
     layer: str
     name: str  # the group's (set's) name
     samples: np.ndarray  # labels of the group's rows, for messages
-    plan_group: int  # the group's draws in the plan (groups differ only for "top")
+    plan_group: int  # the group's draws in the plan: always 0, every set of a call uses the same units
     n_draws: int
 
 
@@ -494,7 +494,7 @@ def build_groups(
     out = []
     for g, (name, rows) in enumerate(groups.items()):
         task = GroupTask(spec=spec, constant=constant, layer=layer.name, name=name, samples=coll.samples[rows],
-                         plan_group=g if table.unit_type == "top" else 0, n_draws=table.n_draws)
+                         plan_group=0, n_draws=table.n_draws)
         row_ranges = tuple((lo, min(lo + size, rows.size)) for lo in range(0, rows.size, size))
         sources, blocks, parts = [], [], []
         for b, (lo, hi) in enumerate(row_ranges):

@@ -63,9 +63,10 @@ def normalise_by_reference(d: xr.DataArray, reference: str = "white_noise", *, d
                            drop: bool = False) -> xr.DataArray:
     """Divide every set's differentiation by a reference set's, per layer and draw.
 
-    The seed divided by white noise ("normalising by spontaneous activity"). With
-    ``unit_type="random"`` a resample uses the same units in every set, so the ratio is
-    taken per draw; summarise afterwards with :func:`resample_summary`.
+    The seed divided by white noise ("normalising by spontaneous activity"). Within a call to
+    :func:`cnndiff_xr.differentiation` a resample uses the same units in every set, whatever the ``unit_type``
+    ("top" ranks the units over every analysed image together), so the ratio is taken per draw; summarise
+    afterwards with :func:`resample_summary`.
 
     Parameters
     ----------
