@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_out_of_core import RssSampler
-from common import machine_info
+from common import machine_info, tree_datasets
 
 SIZE = 224
 
@@ -131,7 +131,8 @@ def main() -> None:
             peaks["differentiation (200, 10,000 units x 10 resamples)"] = sampler.peak
             with RssSampler(client) as sampler:
                 t0 = time.perf_counter()
-                client.compute([cx.filter_means(tree), cx.filter_means(tree, zscore=True)], sync=True)
+                client.compute(tree_datasets(cx.filter_means(tree)) + tree_datasets(cx.filter_means(tree, zscore=True)),
+                               sync=True)
                 stages["filter means (raw and z-scored)"] = time.perf_counter() - t0
             peaks["filter means (raw and z-scored)"] = sampler.peak
             restarts = workers - len(client.scheduler_info()["workers"])

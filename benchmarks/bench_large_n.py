@@ -13,7 +13,11 @@ Memory run (``--memory-images``, default 20,000): 10 draws of 10,000 units from 
 ``--memory`` says otherwise; peak RSS (target < 4 GiB). ``--cluster`` repeats it on the embedded LocalCluster and
 reports the peak RSS of each worker process and its memory limit.
 
-Each measurement runs in a fresh Python process, so that one's memory does not count in the next's peak.
+Each measurement runs in a fresh Python process, so that one's memory does not count in the next's peak. The time
+runs are made twice (``--blas``): with BLAS's default threads (each product as wide as the machine, so dask's threads
+and BLAS's compete: twice as many busy threads as cores), and with one BLAS thread per dask thread
+(``OPENBLAS_NUM_THREADS=1``, what the embedded cluster's workers run with); the floor is the machine's GEMM rate
+either way (:func:`best_gemm_rate`).
 
     python benchmarks/bench_large_n.py [--sizes 2000,5000,10000,20000] [--no-memory-run] [--cluster]
 """
@@ -93,26 +97,36 @@ def synthetic(n: int, units: int, chunk: int, seed: int = 0):
     return xr.DataArray(data, dims=("image", "unit"), name=f"synthetic-{n}x{units}")
 
 
-def gemm_rate(m: int, rows: int = 4096, repeats: int = 3) -> float:
-    """Multiply-adds per second of a plain float32 ``(rows, m) @ (m, rows)``, best of ``repeats``."""
+def gemm_rate(m: int, rows: int = 4096, repeats: int = 3, concurrent: int = 1) -> float:
+    """Multiply-adds per second of plain float32 ``(rows, m) @ (m, rows)`` products, best of ``repeats``:
+    ``concurrent`` of them at once in as many threads (the machine's throughput when BLAS runs one thread per
+    caller), else one (BLAS's own threads)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    a, b = rng.random((rows, m), dtype=np.float32), rng.random((rows, m), dtype=np.float32)
+    pairs = [(rng.random((rows, m), dtype=np.float32), rng.random((rows, m), dtype=np.float32))
+             for _ in range(concurrent)]
     best = np.inf
     for _ in range(repeats):
+        threads = [threading.Thread(target=lambda a=a, b=b: a @ b.T) for a, b in pairs]
         t0 = time.perf_counter()
-        a @ b.T
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         best = min(best, time.perf_counter() - t0)
-    return rows * rows * m / best
+    return concurrent * rows * rows * m / best
 
 
 def best_gemm_rate(units: int) -> float:
-    """The best of :func:`gemm_rate` for a square-ish product and for the pair tasks' own shape (row blocks of
+    """The machine's float32 GEMM rate: the best of one product (BLAS's threads) and one per core at once (one
+    BLAS thread each), each for a square-ish product and for the pair tasks' own shape (row blocks of
     :func:`~cnndiff_xr.analysis.blocks.auto_block_size` images): the higher rate, the stricter floor."""
     from cnndiff_xr.analysis.blocks import auto_block_size
 
-    return max(gemm_rate(units), gemm_rate(units, rows=auto_block_size(units, 4)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(gemm_rate(units, rows=rows, concurrent=k)
+               for rows in (4096, auto_block_size(units, 4)) for k in sorted({1, cores}))
 
 
 def measure_time(n: int, units: int, chunk: int) -> dict:
@@ -177,9 +191,13 @@ def measure_memory(n: int, layer_units: int, n_units: int, resamples: int, chunk
 
 
 # --------------------------------------------------------------------------- the parent
-def child(args: list[str]) -> dict:
+#: the environment of a child whose BLAS runs one thread per calling thread (as the embedded cluster's workers)
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def child(args: list[str], one_blas_thread: bool = False) -> dict:
     """Run one measurement in a fresh process; its last stdout line is the JSON result."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(ONE_BLAS_THREAD if one_blas_thread else {})}
     proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
@@ -190,13 +208,14 @@ def child(args: list[str]) -> dict:
 def print_table(rows: list[dict], units: int) -> None:
     gib = 2**30
     print(f"\nOne set, float32, {units} units, 1 draw, generic DataArray path, threaded scheduler")
-    print("| images | time | Gram floor* | time / floor | peak RSS |")
-    print("|---|---|---|---|---|")
+    print("| images | BLAS threads | time | Gram floor* | time / floor | peak RSS |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['seconds']:.1f} s | {r['floor']:.2f} s | {r['seconds'] / r['floor']:.2f}x | "
-              f"{r['peak'] / gib:.2f} GiB |")
+        print(f"| {r['n']:,} | {r['blas']} | {r['seconds']:.1f} s | {r['floor']:.2f} s | "
+              f"{r['seconds'] / r['floor']:.2f}x | {r['peak'] / gib:.2f} GiB |")
     rates = ", ".join(f"{r['rate'] / 1e9:.0f}" for r in rows)
-    print(f"*N^2 m / 2 multiply-adds at the float32 GEMM rate measured in the same process ({rates} G/s)")
+    print(f"*N^2 m / 2 multiply-adds at the machine's float32 GEMM rate measured in the same process, before and "
+          f"after ({rates} G/s)")
 
 
 def main() -> None:
@@ -209,6 +228,9 @@ def main() -> None:
     parser.add_argument("--memory", default=None, help="cnndiff_xr.analysis-memory for the memory run")
     parser.add_argument("--no-memory-run", action="store_true")
     parser.add_argument("--cluster", action="store_true", help="repeat the memory run on the embedded cluster")
+    parser.add_argument("--blas", choices=["default", "one", "both"], default="both",
+                        help="BLAS threads of the time runs: its default (one per core, per call), one per dask "
+                             "thread (OPENBLAS_NUM_THREADS=1), or both")
     parser.add_argument("--_time", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_memory", choices=["threads", "cluster"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,11 +247,15 @@ def main() -> None:
     print(machine_info(), flush=True)
     gib = 2**30
     rows = []
+    modes = {"default": [False], "one": [True], "both": [False, True]}[args.blas]
     for n in [int(s) for s in args.sizes.split(",") if s.strip()]:
-        r = child(["--_time", str(n), "--units", str(args.units), "--chunk", str(args.chunk)])
-        rows.append(r)
-        print(f"{n} images: {r['seconds']:.1f} s, floor {r['floor']:.2f} s ({r['rate'] / 1e9:.0f} G/s), "
-              f"{r['seconds'] / r['floor']:.2f}x, peak RSS {r['peak'] / gib:.2f} GiB", flush=True)
+        for one in modes:
+            r = child(["--_time", str(n), "--units", str(args.units), "--chunk", str(args.chunk)], one)
+            r["blas"] = "1 per dask thread" if one else "default"
+            rows.append(r)
+            print(f"{n} images, BLAS threads {r['blas']}: {r['seconds']:.1f} s, floor {r['floor']:.2f} s "
+                  f"({r['rate'] / 1e9:.0f} G/s), {r['seconds'] / r['floor']:.2f}x, peak RSS {r['peak'] / gib:.2f} GiB",
+                  flush=True)
     if rows:
         print_table(rows, args.units)
     if args.no_memory_run:

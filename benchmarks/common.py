@@ -55,3 +55,9 @@ def timer(results: dict, key: str):
     t0 = time.perf_counter()
     yield
     results[key] = time.perf_counter() - t0
+
+
+def tree_datasets(tree) -> list:
+    """The datasets of a lazy DataTree's nodes that hold variables: what a Client computes (a DataTree is not a dask
+    collection, so ``client.compute(tree)`` hands it back uncomputed)."""
+    return [node.to_dataset() for node in tree.subtree if node.data_vars]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
@@ -45,19 +46,52 @@ def compute(*collections: Any, client: Client | None = None, progress: bool = Fa
     computation. Without a client, the collections are computed by dask's default scheduler with dask's local
     progress bar.
     """
+    flat, rebuild = _without_trees(collections)
     if client is not None:
-        futures = client.compute(list(collections))
+        futures = client.compute(flat)
         if progress:
             _distributed_bar(futures, client)
-        return tuple(client.gather(futures))
+        return rebuild(client.gather(futures))
     import dask
 
     if not progress:
-        return tuple(dask.compute(*collections))
+        return rebuild(dask.compute(*flat))
     from dask.diagnostics import ProgressBar
 
     with ProgressBar(out=sys.stderr):
-        return tuple(dask.compute(*collections))
+        return rebuild(dask.compute(*flat))
+
+
+def _without_trees(collections: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], tuple[Any, ...]]]:
+    """The collections with every DataTree replaced by its nodes' datasets, and the function that puts computed
+    results back together. A DataTree is not a dask collection: ``client.compute`` hands it back uncomputed, and it
+    would be computed later, wherever it is first used (after the cluster has closed, on the local threads)."""
+    import xarray as xr
+
+    flat: list[Any] = []
+    parts: list[tuple[str, ...] | None] = []  # per collection: the node paths of a tree, None for anything else
+    for obj in collections:
+        if isinstance(obj, xr.DataTree):
+            paths = tuple(node.path for node in obj.subtree)
+            flat.extend(obj[path].to_dataset(inherit=False) for path in paths)
+            parts.append(paths)
+        else:
+            flat.append(obj)
+            parts.append(None)
+
+    def rebuild(results: Sequence[Any]) -> tuple[Any, ...]:
+        out, i = [], 0
+        for obj, paths in zip(collections, parts, strict=True):
+            if paths is None:
+                out.append(results[i])
+                i += 1
+            else:
+                out.append(xr.DataTree.from_dict(dict(zip(paths, results[i:i + len(paths)], strict=True)),
+                                                 name=obj.name))
+                i += len(paths)
+        return tuple(out)
+
+    return flat, rebuild
 
 
 def _distributed_bar(futures: list[Any], client: Client) -> None:
