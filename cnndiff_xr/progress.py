@@ -72,8 +72,9 @@ def _without_trees(collections: Sequence[Any]) -> tuple[list[Any], Callable[[Seq
     parts: list[tuple[str, ...] | None] = []  # per collection: the node paths of a tree, None for anything else
     for obj in collections:
         if isinstance(obj, xr.DataTree):
-            paths = tuple(node.path for node in obj.subtree)
-            flat.extend(obj[path].to_dataset(inherit=False) for path in paths)
+            nodes = list(obj.subtree)
+            paths = tuple(node.path for node in nodes)
+            flat.extend(node.to_dataset(inherit=False) for node in nodes)
             parts.append(paths)
         else:
             flat.append(obj)
