@@ -14,9 +14,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 from .analysis.differentiation import differentiation
 from .analysis.draws import select_units
+from .analysis.inference import bootstrap_differentiation, compare_sets
 from .analysis.rdm import rdm
 from .analysis.regression import rdm_regression, stimulus_regression
 from .analysis.results import normalise_by_reference, resample_summary
+from .analysis.similarity import layer_similarity
+from .analysis.spectral import spectral_differentiation, spectral_states
 from .analysis.summaries import filter_means, layer_means
 from .extraction import images, store
 from .extraction.run import extract
@@ -26,11 +29,14 @@ from .sampling import UnitDraws
 __all__ = [
     "UnitDraws",
     "__version__",
+    "bootstrap_differentiation",
+    "compare_sets",
     "differentiation",
     "extract",
     "filter_means",
     "images",
     "layer_means",
+    "layer_similarity",
     "normalise_by_reference",
     "open_activations",
     "rdm",
@@ -38,6 +44,8 @@ __all__ = [
     "resample_summary",
     "select",
     "select_units",
+    "spectral_differentiation",
+    "spectral_states",
     "stimulus_regression",
     "store",
 ]

@@ -238,28 +238,31 @@ def _cmd_differentiation(args: argparse.Namespace) -> int:
     import xarray as xr
 
     from .analysis.differentiation import differentiation
+    from .analysis.inference import bootstrap_differentiation
     from .analysis.results import normalise_by_reference, resample_summary
     from .extraction.cluster import get_client
     from .extraction.store import open_activations
 
     if args.n_units is not None:
         _int_list(args.n_units, "--n-units")  # a typo is reported before the store is opened
-    if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
-        raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
-    if args.out:
-        _check_out(args.out, args.overwrite)
+    _check_result_out(args)
     tree = open_activations(args.store)
     draws = _analysis_draws(args, tree.attrs)
+    settings = {"norm": args.norm, "metric": args.metric, "reduction": args.reduction, "layers": _names(args.layers),
+                "sets": _names(args.sets)}
     with _bad_input():
-        d = differentiation(tree, **draws, norm=args.norm, metric=args.metric, reduction=args.reduction,
-                            layers=_names(args.layers), sets=_names(args.sets))
+        d = differentiation(tree, **draws, **settings)
         if args.reference is not None:
             normalise_by_reference(d, reference=args.reference)  # validates the name before any work
+        boot = bootstrap_differentiation(tree, **draws, **settings, n_boot=args.bootstrap) if args.bootstrap else None
     with get_client(args.scheduler, n_workers=args.workers) as client:
-        (d,) = compute(d, client=client, progress=wanted(quiet=args.quiet))
+        d, *rest = compute(d, *([boot] if boot is not None else []), client=client,
+                           progress=wanted(quiet=args.quiet))
     result = xr.Dataset({"differentiation": d})
     if args.reference is not None:
         result["normalised"] = normalise_by_reference(d, reference=args.reference)
+    if rest:
+        result["bootstrap"] = rest[0]
     result.attrs.update({**_provenance(tree.attrs, args.store), "reference": args.reference or ""})
     tables = {"differentiation": d}
     if args.reference is not None:
@@ -271,13 +274,100 @@ def _cmd_differentiation(args: argparse.Namespace) -> int:
             print(f"{title}, {n} units (mean over {d.sizes['resample']} resamples); rows: layers")
             print(mean.sel(n_units=n).to_pandas().T.to_string(float_format=lambda v: f"{v:.4f}"))
             print()
+    # the CSV holds the per-draw numbers; the bootstrap (a value per resample of the images) only the result file
+    _write_result(result, args, table=result.drop_vars("bootstrap", errors="ignore"))
+    return 0
+
+
+def _check_result_out(args: argparse.Namespace) -> None:
+    """--out of an analysis command: a .nc or .zarr path, never a store, an existing one only with --overwrite
+    (checked before any computing)."""
+    if args.out and not args.out.endswith((".nc", ".nc4", ".netcdf", ".zarr")):
+        raise UsageError(f"--out {args.out!r}: give a .nc (NetCDF) or .zarr path")
     if args.out:
-        if args.out.endswith((".nc", ".nc4", ".netcdf")):
-            result.attrs = _netcdf_attrs(result.attrs)
-        _write_dataset(result, args.out)
-        csv = args.csv or args.out.rsplit(".", 1)[0] + ".csv"
-        result.to_dataframe().to_csv(csv)
-        print(f"wrote {args.out} and {csv}")
+        _check_out(args.out, args.overwrite)
+
+
+def _write_result(result: xr.Dataset, args: argparse.Namespace, *, table: xr.Dataset | None = None) -> None:
+    """Write an analysis result to --out, and ``table`` (default the result) as CSV beside it (or at --csv)."""
+    if not args.out:
+        return
+    if args.out.endswith((".nc", ".nc4", ".netcdf")):
+        result.attrs = _netcdf_attrs(result.attrs)
+        for var in result.variables.values():
+            var.attrs = _netcdf_attrs(var.attrs)
+    _write_dataset(result, args.out)
+    csv = args.csv or args.out.rsplit(".", 1)[0] + ".csv"
+    (result if table is None else table).to_dataframe().to_csv(csv)
+    print(f"wrote {args.out} and {csv}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import xarray as xr
+
+    from .analysis.inference import bootstrap_differentiation, compare_sets
+    from .extraction.cluster import get_client
+    from .extraction.store import open_activations
+
+    sets = _names(args.sets) or []
+    if len(sets) != 2:
+        raise UsageError(f"--sets {args.sets!r}: give exactly two sets, e.g. --sets cats,random_photos")
+    if args.n_units is not None:
+        _int_list(args.n_units, "--n-units")
+    _check_result_out(args)
+    tree = open_activations(args.store)
+    draws = _analysis_draws(args, tree.attrs)
+    settings = {"norm": args.norm, "metric": args.metric, "reduction": args.reduction, "layers": _names(args.layers)}
+    with _bad_input():
+        c = compare_sets(tree, sets[0], sets[1], **draws, **settings, n_permutations=args.permutations)
+        boot = (bootstrap_differentiation(tree, **draws, **settings, sets=sets, n_boot=args.bootstrap)
+                if args.bootstrap else None)
+    with get_client(args.scheduler, n_workers=args.workers) as client:
+        c, *rest = compute(c, *([boot] if boot is not None else []), client=client, progress=wanted(quiet=args.quiet))
+    result: xr.Dataset = c
+    if rest:
+        result["bootstrap"] = rest[0]
+    result.attrs.update(_provenance(tree.attrs, args.store))
+    a, b = sets
+    for n in result["n_units"].values:
+        row = result.sel(n_units=n)
+        mean = row["differentiation"].mean("resample")
+        table = xr.Dataset({a: mean.sel(set=a, drop=True), b: mean.sel(set=b, drop=True),
+                            f"{a} - {b}": row["difference"], "p": row["p_value"], "p (Holm)": row["p_holm"]})
+        print(f"differentiation of {a} and {b}, {n} units (means over {result.sizes['resample']} resamples), "
+              f"{args.permutations} permutations; rows: layers")
+        print(table.to_pandas().to_string(float_format=lambda v: f"{v:.4f}"))
+        print()
+    _write_result(result, args, table=result[["difference", "p_value", "p_holm"]])
+    return 0
+
+
+def _cmd_similarity(args: argparse.Namespace) -> int:
+    import xarray as xr
+
+    from .analysis.similarity import layer_similarity
+    from .extraction.cluster import get_client
+    from .extraction.store import open_activations
+
+    _check_result_out(args)
+    tree = open_activations(args.store)
+    other = None if args.other is None else open_activations(args.other)
+    n_units = args.n_units
+    if n_units is None and args.method.startswith("rsa"):
+        n_units = 10000
+    with _bad_input():
+        s = layer_similarity(tree, other, method=args.method, layers=_names(args.layers),
+                             layers_other=_names(args.layers_other), sets=_names(args.sets), n_units=n_units,
+                             unit_type=args.unit_type, seed=args.seed, resample=args.resample, norm=args.norm,
+                             metric=args.metric)
+    with get_client(args.scheduler, n_workers=args.workers) as client:
+        (s,) = compute(s, client=client, progress=wanted(quiet=args.quiet))
+    print(f"layer similarity ({args.method}); rows: layers of {args.store}, columns: layers of "
+          f"{args.other or args.store}")
+    print(s.to_pandas().to_string(float_format=lambda v: f"{v:.3f}"))
+    result = xr.Dataset({"similarity": s})
+    result.attrs.update({**_provenance(tree.attrs, args.store), "other": args.other or ""})
+    _write_result(result, args)
     return 0
 
 
@@ -439,9 +529,22 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             result = xr.open_zarr(args.source) if args.source.endswith(".zarr") else xr.open_dataset(args.source)
         except Exception as err:
             raise UsageError(f"SOURCE {args.source!r} is neither a cnndiff store nor a result of 'cnndiff "
-                             f"differentiation' or 'cnndiff summarize' (.nc/.zarr): {err}") from None
-        fm = None if "differentiation" in result else _filter_mean_layers(args.source)
-        if fm is not None:
+                             f"differentiation', 'compare', 'similarity' or 'summarize' (.nc/.zarr): {err}") from None
+        kind = next((name for name in ("p_value", "similarity", "differentiation") if name in result), None)
+        fm = None if kind else _filter_mean_layers(args.source)
+        if kind == "p_value":  # 'cnndiff compare'
+            comparison = result.load()
+            expected = ["comparison.png"]
+
+            def draw(staging: Path) -> list[Path]:
+                return plot.write_comparison_figure(comparison, staging, note=plot.figure_note(result.attrs))
+        elif kind == "similarity":  # 'cnndiff similarity'
+            similarity = result["similarity"].load()
+            expected = ["similarity.png"]
+
+            def draw(staging: Path) -> list[Path]:
+                return plot.write_similarity_figure(similarity, staging, note=plot.figure_note(result.attrs))
+        elif fm is not None:
             expected = [f"filter_means/{name}.png" for name in (layers or fm.children)]
 
             def draw(staging: Path) -> list[Path]:
@@ -452,6 +555,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                                  "make one with 'cnndiff differentiation STORE --out FILE' or 'cnndiff summarize "
                                  "STORE --out FILE'")
             d = result["differentiation"].load()
+            boot = result["bootstrap"].load() if "bootstrap" in result else None
             reference = args.reference or result.attrs.get("reference") or None
             if reference and reference not in d["set"].values:
                 raise UsageError(f"--reference {reference!r} is not a set of this result: {list(d['set'].values)}")
@@ -459,7 +563,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
             def draw(staging: Path) -> list[Path]:
                 return plot.write_result_figures(d, staging, reference=reference,
-                                                 note=plot.figure_note(result.attrs))
+                                                 note=plot.figure_note(result.attrs), bootstrap=boot)
     # Refuse early, before any computing, when a figure this run surely writes is there already; the full check of
     # every name happens when the figures, drawn in a staging folder, are moved into place.
     clashes = [] if args.overwrite else taken(args.out, expected)
@@ -519,6 +623,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(report.read_text())
     print(f"report: {report}")
     return 0
+
+
+def _draw_options(parser: argparse.ArgumentParser) -> None:
+    """The unit draws and the distance of an analysis over several draws (differentiation, compare)."""
+    parser.add_argument("--n-units", default=None, metavar="N[,N...]",
+                        help="comma-separated unit counts (default 200,10000; on a reduced store: its registered "
+                        "counts)")
+    parser.add_argument("--resamples", type=_positive_int, default=None, metavar="K",
+                        help="independent unit draws (default 10; on a reduced store: its registered resamples)")
+    parser.add_argument("--unit-type", default=None, choices=options.UNIT_TYPES,
+                        help="how units are drawn (default random; on a reduced store: its registered unit type). "
+                        "top: the units with the highest mean over all analysed images (every set uses the same "
+                        "units)")
+    parser.add_argument("--seed", type=_non_negative_int, default=None, metavar="SEED",
+                        help="seed of the unit draws (default 0; on a reduced store: its registered seed); also of "
+                        "the bootstrap and permutation resamples")
+    parser.add_argument("--norm", default="layer", choices=options.NORMS)
+    parser.add_argument("--metric", default="euclidean", choices=options.METRICS)
+    parser.add_argument("--reduction", default="median", choices=options.REDUCTIONS)
+    parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
+
+
+def _result_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="write the result here (.nc or .zarr) and a .csv beside it")
+    parser.add_argument("--csv", default=None, help="CSV path (default: --out with .csv)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a store)")
 
 
 def _quiet_option(parser: argparse.ArgumentParser) -> None:
@@ -600,27 +730,60 @@ def build_parser() -> argparse.ArgumentParser:
                          "unit counts and resamples; prints a layer x set table and writes the result. On a "
                          "reduced store ('cnndiff extract --units draws') the draws default to those it registered.")
     dif.add_argument("store", help="store path or fsspec URL")
-    dif.add_argument("--n-units", default=None, metavar="N[,N...]",
-                     help="comma-separated unit counts (default 200,10000; on a reduced store: its registered counts)")
-    dif.add_argument("--resamples", type=_positive_int, default=None, metavar="K",
-                     help="independent unit draws (default 10; on a reduced store: its registered resamples)")
-    dif.add_argument("--unit-type", default=None, choices=options.UNIT_TYPES,
-                     help="how units are drawn (default random; on a reduced store: its registered unit type). top: "
-                     "the units with the highest mean over all analysed images (every set uses the same units)")
-    dif.add_argument("--norm", default="layer", choices=options.NORMS)
-    dif.add_argument("--metric", default="euclidean", choices=options.METRICS)
-    dif.add_argument("--reduction", default="median", choices=options.REDUCTIONS)
+    _draw_options(dif)
     dif.add_argument("--reference", default=None, help="divide by this set's differentiation (e.g. white_noise)")
-    dif.add_argument("--seed", type=_non_negative_int, default=None, metavar="SEED",
-                     help="seed of the unit draws (default 0; on a reduced store: its registered seed)")
-    dif.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     dif.add_argument("--sets", default=None, help="comma-separated sets (default: all)")
-    dif.add_argument("--out", default=None, help="write the result here (.nc or .zarr) and a .csv beside it")
-    dif.add_argument("--csv", default=None, help="CSV path (default: --out with .csv)")
-    dif.add_argument("--overwrite", action="store_true", help="replace an existing --out (never a store)")
+    dif.add_argument("--bootstrap", type=_non_negative_int, default=0, metavar="N",
+                     help="also N bootstrap resamples of each set's images (e.g. 1000): their intervals appear in "
+                     "'cnndiff plot RESULT' (default 0: none)")
+    _result_options(dif)
     _cluster_options(dif)
     _quiet_option(dif)
     dif.set_defaults(func=_cmd_differentiation)
+
+    cmp_ = sub.add_parser("compare", help="is one set more differentiated than another? (a permutation test)",
+                          description="Per layer, the difference in differentiation between two sets (mean over "
+                          "unit redraws) and a two-sided permutation p-value (set labels permuted over both sets' "
+                          "images, the same unit draws throughout), with a Holm correction over the layers. "
+                          "'cnndiff plot RESULT' draws it.")
+    cmp_.add_argument("store", help="store path or fsspec URL")
+    cmp_.add_argument("--sets", required=True, metavar="A,B", help="the two sets, e.g. cats,random_photos")
+    _draw_options(cmp_)
+    cmp_.add_argument("--permutations", type=_positive_int, default=1000, metavar="N",
+                      help="relabellings of the images (default 1000; the smallest p is 1/(N+1))")
+    cmp_.add_argument("--bootstrap", type=_non_negative_int, default=0, metavar="N",
+                      help="also N bootstrap resamples of each set's images, for intervals of the difference in the "
+                      "figure (default 0: none)")
+    _result_options(cmp_)
+    _cluster_options(cmp_)
+    _quiet_option(cmp_)
+    cmp_.set_defaults(func=_cmd_compare)
+
+    sim = sub.add_parser("similarity", help="how similar the layers are (CKA or RDM comparisons)",
+                         description="A layer x layer matrix: linear CKA of the images' Gram matrices, or a "
+                         "comparison of the layers' RDMs, between the layers of one store or, given OTHER (a second "
+                         "store of the same images, e.g. another model), between the two. 'cnndiff plot RESULT' "
+                         "draws it.")
+    sim.add_argument("store", help="store path or fsspec URL")
+    sim.add_argument("other", nargs="?", default=None, help="a second store of the same images (matched by id)")
+    sim.add_argument("--method", default="cka", choices=options.SIMILARITY_METHODS,
+                     help="cka (default), cka_unbiased, or an RDM comparison: rsa_spearman, rsa_kendall (tau-a), "
+                     "rsa_cosine")
+    sim.add_argument("--n-units", type=_positive_int, default=None, metavar="N",
+                     help="units of one draw per layer (default: every unit for CKA, 10000 for the RDM methods; a "
+                     "reduced store: one of its registered counts)")
+    sim.add_argument("--unit-type", default="random", choices=options.UNIT_TYPES)
+    sim.add_argument("--seed", type=_non_negative_int, default=0, metavar="SEED", help="seed of the unit draw")
+    sim.add_argument("--resample", type=_non_negative_int, default=0, metavar="K", help="which draw (default 0)")
+    sim.add_argument("--norm", default="layer", choices=options.NORMS, help="RDM methods: the RDMs' norm")
+    sim.add_argument("--metric", default="euclidean", choices=options.METRICS, help="RDM methods: their distance")
+    sim.add_argument("--layers", default=None, help="comma-separated layers of STORE (default: all)")
+    sim.add_argument("--layers-other", default=None, help="comma-separated layers of OTHER (default: all)")
+    sim.add_argument("--sets", default=None, help="comma-separated sets (default: all images)")
+    _result_options(sim)
+    _cluster_options(sim)
+    _quiet_option(sim)
+    sim.set_defaults(func=_cmd_similarity)
 
     summ = sub.add_parser("summarize", help="filter means per layer",
                           description="Mean over (y, x) of every filter for every image, per layer.")

@@ -15,12 +15,18 @@ Metric = Literal["euclidean", "correlation", "cosine"]
 ConstantPolicy = Literal["raise", "zero"]
 UnitType = Literal["random", "top", "per_filter", "all"]
 Reduction = Literal["median", "mean"]
+SimilarityMethod = Literal["cka", "cka_unbiased", "rsa_spearman", "rsa_kendall", "rsa_cosine"]
+#: spectral differentiation's distance: the paper's Euclidean distance of the concatenated spectra, or divided by
+#: sqrt(units x frequencies) as differentiation's Euclidean "per dimension"
+SpectralScale = Literal["paper", "per_dimension"]
 
 NORMS: tuple[Norm, ...] = get_args(Norm)
 METRICS: tuple[Metric, ...] = get_args(Metric)
 CONSTANT_POLICIES: tuple[ConstantPolicy, ...] = get_args(ConstantPolicy)
 UNIT_TYPES: tuple[UnitType, ...] = get_args(UnitType)
 REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
+SIMILARITY_METHODS: tuple[SimilarityMethod, ...] = get_args(SimilarityMethod)
+SPECTRAL_SCALES: tuple[SpectralScale, ...] = get_args(SpectralScale)
 
 # ---- extraction
 Dtype = Literal["float32", "float16"]

@@ -166,9 +166,11 @@ def _distance_label(attrs: Mapping[Any, Any]) -> str:
 
 
 def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str, colours: Mapping[str, str], *,
-                reference: str | None = None) -> None:
+                reference: str | None = None, bootstrap: xr.DataArray | None = None) -> None:
     """One line per set (its colour) and n_units (line style), the resample interval as a band (said in the
-    legend: it is the spread over unit redraws, not over images); ``reference``: a grey line at 1 for that set."""
+    legend: it is the spread over unit redraws, not over images); ``reference``: a grey line at 1 for that set;
+    ``bootstrap``: error bars, the percentile interval over image resamples (:func:`_bootstrap_bars`)."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     d = d.compute()
@@ -188,6 +190,9 @@ def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str, colours
             if summary is not None:
                 ax.fill_between(x, summary["lower"].sel(pick).values, summary["upper"].sel(pick).values,
                                 color=colour, alpha=0.15, linewidth=0)
+            if bootstrap is not None:
+                _bootstrap_bars(ax, x + 0.08 * (k - (len(n_units_values) - 1) / 2), bootstrap.sel(pick), interval,
+                                colour)
     if reference is not None:
         ax.axhline(1.0, color="grey", linewidth=0.8, label=f"{reference} (the reference: 1)")
     _layer_ticks(ax, layers)
@@ -202,22 +207,114 @@ def _line_panel(ax: Axes, d: xr.DataArray, interval: float, ylabel: str, colours
         legend_title = f"set, units drawn\n(line: mean of {n_resamples} redraws)"
     else:
         legend_title = "set, units drawn" + ("\n(one draw: no interval)" if n_units_values != [None] else "")
+    if bootstrap is not None:
+        low, high = 50 * (1 - interval), 50 * (1 + interval)
+        handles.append(Line2D([], [], color="0.3", marker="_", linestyle="-", linewidth=1.0,
+                              label=f"bars: {low:g}–{_ordinal(high)} percentile over\n{bootstrap.sizes['bootstrap']} "
+                                    "image bootstraps (images\nresampled with replacement)"))
     ax.legend(handles=handles, fontsize=7, title=legend_title, title_fontsize=7, loc="upper left",
               bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def differentiation_by_layer(d: xr.DataArray, ax: Axes | None = None, *, interval: float = 0.95,
                              title: str | None = None, note: str | None = None,
-                             colours: Mapping[str, str] | None = None) -> tuple[Figure | SubFigure, Axes]:
+                             colours: Mapping[str, str] | None = None,
+                             bootstrap: xr.DataArray | None = None) -> tuple[Figure | SubFigure, Axes]:
     """Differentiation by layer: a line per set, a line style per ``n_units``, a band for the resample interval.
 
     ``d`` is :func:`cnndiff_xr.differentiation` output (dims set, layer, n_units, resample). ``colours``: the set
-    colours (default :func:`set_colours` of ``d``'s sets).
+    colours (default :func:`set_colours` of ``d``'s sets). ``bootstrap``: a
+    :func:`cnndiff_xr.bootstrap_differentiation` of the same sets, layers and draws; adds error bars, the central
+    ``interval`` of the bootstrap distribution over images (of the mean over unit redraws), so both sources of
+    uncertainty show: the band over units, the bars over images.
     """
     fig, ax = _axes(ax, (13, 4.5))
     _line_panel(ax, d, interval, f"differentiation\n({_distance_words(d.attrs)})",
-                _colours_for(d["set"].values, colours))
+                _colours_for(d["set"].values, colours),
+                bootstrap=None if bootstrap is None else bootstrap.compute())
     ax.set_title(_with_suffix(title or "Differentiation by layer", note))
+    return fig, ax
+
+
+def _bootstrap_interval(b: xr.DataArray, interval: float) -> tuple[np.ndarray, np.ndarray]:
+    """Central ``interval`` over ``bootstrap`` (percentiles, as numpy's) of ``b`` averaged over its unit redraws."""
+    if "resample" in b.dims:
+        b = b.mean("resample")
+    q = np.nanpercentile(np.asarray(b.transpose(..., "bootstrap").values), [50 * (1 - interval),
+                                                                           50 * (1 + interval)], axis=-1)
+    return q[0], q[1]
+
+
+def _bootstrap_bars(ax: Axes, x: np.ndarray, b: xr.DataArray, interval: float, colour: str) -> None:
+    """Error bars from the lower to the upper bootstrap percentile at each layer (no marker: the line has one)."""
+    lower, upper = _bootstrap_interval(b, interval)
+    ax.vlines(x, lower, upper, color=colour, linewidth=1.2, alpha=0.8)
+    ax.plot(x, lower, "_", color=colour, markersize=5, alpha=0.8)
+    ax.plot(x, upper, "_", color=colour, markersize=5, alpha=0.8)
+
+
+def set_comparison(c: xr.Dataset, ax: Axes | None = None, *, interval: float = 0.95, alpha: float = 0.05,
+                   bootstrap: xr.DataArray | None = None, title: str | None = None, note: str | None = None
+                   ) -> tuple[Figure | SubFigure, Axes]:
+    """The per-layer comparison of two sets (:func:`cnndiff_xr.compare_sets`): their difference in differentiation
+    (mean over unit redraws), a grey bar for the central ``interval`` of the permutation null (what relabelling the
+    images gives: a difference outside it is unusual), and ``*`` over the layers whose Holm-adjusted p (over the
+    layers) is below ``alpha``. A marker shape per ``n_units``.
+
+    ``bootstrap``: a :func:`cnndiff_xr.bootstrap_differentiation` holding both sets (same layers and draws); adds the
+    bootstrap interval over images of the difference (each set's images resampled independently) as error bars.
+    """
+    from matplotlib.lines import Line2D
+
+    fig, ax = _axes(ax, (13, 4.5))
+    c = c.compute()
+    a, b = str(c.attrs.get("a", c["set"].values[0])), str(c.attrs.get("b", c["set"].values[1]))
+    layers = [str(v) for v in c["layer"].values]
+    x = np.arange(len(layers))
+    n_values = list(c["n_units"].values)
+    width = 0.6 / max(1, len(n_values))
+    lo_q, hi_q = 50 * (1 - interval), 50 * (1 + interval)
+    if bootstrap is not None:
+        boot = bootstrap.sel(set=[a, b]).compute()
+    markers = ("o", "s", "^", "D")
+    top = []
+    for k, n in enumerate(n_values):
+        xs = x + (k - (len(n_values) - 1) / 2) * width
+        pick = c.sel(n_units=n)
+        null_lo, null_hi = np.percentile(pick["null"].values, [lo_q, hi_q], axis=-1)
+        null_label = (f"null: {lo_q:g}–{_ordinal(hi_q)} percentile of the\ndifferences of "
+                      f"{c.sizes['permutation']} relabellings\nof the images (same draws)")
+        ax.bar(xs, null_hi - null_lo, bottom=null_lo, width=width * 0.8, color="0.85", edgecolor="0.6",
+               linewidth=0.5, label=null_label if k == 0 else None)
+        diff = pick["difference"].values
+        ax.plot(xs, diff, markers[k % len(markers)], color="black", markersize=5, linestyle="none",
+                label=f"{a} − {b}, {n} units")
+        highs = [np.maximum(diff, null_hi)]
+        if bootstrap is not None:
+            d = boot.sel(set=a, n_units=n, drop=True) - boot.sel(set=b, n_units=n, drop=True)
+            lower, upper = _bootstrap_interval(d, interval)
+            boot_label = (f"{a} − {b}: {lo_q:g}–{_ordinal(hi_q)} percentile\n"
+                          f"over {boot.sizes['bootstrap']} image bootstraps")
+            ax.errorbar(xs, diff, yerr=[diff - lower, upper - diff], fmt="none", ecolor="tab:blue", elinewidth=1.2,
+                        capsize=3, label=boot_label if k == 0 else None)
+            highs.append(upper)
+        high = np.max(highs, axis=0)
+        top.append(high)
+        for xi, yi, p in zip(xs, high, pick["p_holm"].values, strict=True):
+            if p < alpha:
+                ax.annotate("*", (xi, yi), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=13, fontweight="bold")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    _layer_ticks(ax, layers)
+    span = np.ptp(np.concatenate([np.ravel(t) for t in top] + [c["difference"].values.ravel()]))
+    ax.set_ylim(top=float(np.max(top)) + 0.12 * (span or 1.0))
+    ax.set_ylabel(f"differentiation {a} − {b}\n({_distance_words(c.attrs)})")
+    ax.grid(True, axis="y", alpha=0.4)
+    handles, _ = ax.get_legend_handles_labels()
+    handles.append(Line2D([], [], linestyle="none", marker="$*$", color="black", markersize=8,
+                          label=f"Holm-adjusted p < {alpha:g}\n(two-sided, over {len(layers)} layers)"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title(_with_suffix(title or f"Differentiation: {a} vs {b} by layer", note))
     return fig, ax
 
 
@@ -237,6 +334,34 @@ def normalised_differentiation(d: xr.DataArray, reference: str = "white_noise", 
                 reference=reference)
     ax.set_ylim(bottom=0.0)
     ax.set_title(_with_suffix(title or f"Differentiation normalised by {reference}", note))
+    return fig, ax
+
+
+def spectral_differentiation_by_layer(sd: xr.DataArray, ax: Axes | None = None, *, interval: float = 0.95,
+                                      title: str | None = None, note: str | None = None,
+                                      colours: Mapping[str, str] | None = None) -> tuple[Figure | SubFigure, Axes]:
+    """Spectral differentiation of a movie set by layer: a line per ``n_units`` (line style), a band for the
+    resample interval, as :func:`differentiation_by_layer`.
+
+    ``sd`` is :func:`cnndiff_xr.spectral_differentiation` output of a store or Dataset (dims ``layer`` and, when
+    units were drawn, ``n_units`` and ``resample``). The line takes the analysed set's colour (``colours``:
+    default :func:`set_colours` of that set alone; pass the store's mapping to match its other figures).
+    """
+    if "layer" not in sd.dims:
+        raise ValueError(f"sd needs a layer dimension (a store's or Dataset's result), got dims {sd.dims}")
+    set_name = str(sd.attrs.get("set", "all"))
+    fig, ax = _axes(ax, (13, 4.5))
+    per_dimension = sd.attrs.get("scale") == "per_dimension"
+    distance = "Euclidean distance" + (" / √(units × frequencies)" if per_dimension else "")
+    ylabel = (f"spectral differentiation\n({sd.attrs.get('reduction', 'median')} pairwise {distance}\n"
+              "between the windows' power spectra)")
+    _line_panel(ax, sd.expand_dims(set=[set_name]), interval, ylabel, _colours_for([set_name], colours))
+    window = sd.attrs.get("window")
+    states = sd.attrs.get("n_states")
+    default = f"Spectral differentiation by layer: {set_name!r}"
+    if window is not None and states is not None:
+        default += f", {states} windows of {float(window):g} s at {float(sd.attrs.get('sample_rate', 0)):g} Hz"
+    ax.set_title(_with_suffix(title or default, note))
     return fig, ax
 
 
@@ -578,6 +703,63 @@ def rdm_panels(rdms: dict[str, xr.DataArray] | xr.DataArray, fig: Figure | None 
 
 
 # ------------------------------------------------------------------------------------------------ files
+#: the fixed colour range of each layer-similarity method (:func:`similarity_matrix`) and the words for it: biased
+#: CKA and the cosine of two RDMs (non-negative distances) lie in [0, 1]; unbiased CKA, Spearman and Kendall in
+#: [-1, 1]
+_SIMILARITY_SCALES = {
+    "cka": (0.0, 1.0, "linear CKA (biased HSIC)"),
+    "cka_unbiased": (-1.0, 1.0, "linear CKA (unbiased HSIC)"),
+    "rsa_spearman": (-1.0, 1.0, "RDM Spearman ρ"),
+    "rsa_kendall": (-1.0, 1.0, "RDM Kendall τ-a"),
+    "rsa_cosine": (0.0, 1.0, "RDM cosine similarity"),
+}
+
+
+def similarity_matrix(sim: xr.DataArray, ax: Axes | None = None, *, title: str | None = None,
+                      note: str | None = None, annotate: bool | None = None) -> tuple[Figure | SubFigure, Axes]:
+    """Layer-by-layer similarity (:func:`cnndiff_xr.layer_similarity`) as a heatmap, layer names on both axes.
+
+    The colour range is fixed by the method, not by the data -- [0, 1] for CKA and the RDMs' cosine, [-1, 1] for
+    unbiased CKA, Spearman and Kendall -- so matrices of different stores, draws or layers can be read side by side;
+    the colourbar names the method and the range. NaN entries (undefined comparisons) are grey. ``annotate``: write
+    the values in the cells (default: when both axes have at most 12 layers).
+    """
+    from matplotlib import colormaps
+
+    sim = sim.compute()
+    method = str(sim.attrs.get("method", ""))
+    low, high, words = _SIMILARITY_SCALES.get(method, (-1.0, 1.0, method or "similarity"))
+    rows, columns = [str(v) for v in sim["layer"].values], [str(v) for v in sim["layer_other"].values]
+    fig, ax = _axes(ax, (max(6.0, 3.2 + 0.45 * len(columns)), 2.4 + 0.45 * len(rows)))
+    cmap = colormaps["viridis" if low == 0 else "RdBu_r"].with_extremes(bad="0.8")
+    values = np.asarray(sim.values, dtype=np.float64)
+    image = ax.imshow(np.ma.masked_invalid(values), vmin=low, vmax=high, cmap=cmap, interpolation="nearest")
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    two = int(sim.attrs.get("stores", 1)) == 2
+    ax.set_ylabel("layer" + (" (store)" if two else ""))
+    ax.set_xlabel("layer" + (" (other store)" if two else ""))
+    if annotate if annotate is not None else max(len(rows), len(columns)) <= 12:
+        for i in range(len(rows)):
+            for j in range(len(columns)):
+                if np.isfinite(values[i, j]):
+                    shade = (values[i, j] - low) / (high - low)
+                    dark = shade < 0.6 if low == 0 else abs(shade - 0.5) > 0.3
+                    ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    units = sim.attrs.get("n_units", "all")
+    drawn = "every unit" if units == "all" else (f"{units} {sim.attrs.get('unit_type', 'random')} units, seed "
+                                                  f"{sim.attrs.get('seed')}, resample {sim.attrs.get('resample')}")
+    distance = (f", {sim.attrs.get('metric')} distance, norm={sim.attrs.get('norm')}"
+                if method.startswith("rsa") else "")
+    _colourbar(fig, image, [ax], f"{words}\nfixed scale {low:g} … {high:g}", "neither", shrink=0.9)
+    default = f"Layer similarity: {words}\n{sim.attrs.get('n_images', '?')} images, {drawn}{distance}"
+    ax.set_title(_with_suffix(title or default, note), fontsize=9)
+    return fig, ax
+
+
 def save(fig: Figure | SubFigure, path_stem: str | Path, formats: Sequence[str] = ("png", "svg"),
          dpi: int = 110) -> list[Path]:
     """Write ``fig`` as ``<path_stem>.png`` and ``.svg`` (or the given formats) and close it."""
@@ -838,21 +1020,38 @@ def write_filter_mean_figures(fm: xr.DataTree, out: str | Path, *, layers: Seque
 
 
 def write_result_figures(d: xr.DataArray, out: str | Path, *, reference: str | None = None, note: str | None = None,
-                         colours: Mapping[str, str] | None = None) -> list[Path]:
+                         colours: Mapping[str, str] | None = None, bootstrap: xr.DataArray | None = None
+                         ) -> list[Path]:
     """Differentiation by layer (``differentiation``), normalised by ``reference`` (``differentiation_by_<ref>``)
     and, with three or more sets and the input layer, R² by depth (``stimulus_vs_layer_r2``) under ``out``.
 
     R² across two sets is 1 by construction, so it is not drawn; with three sets (a line through three points) the
     figure is drawn and says in red that it is nearly meaningless (:func:`r2_by_depth`, :data:`MIN_SETS_FOR_R2`).
-    ``colours``: the set colours (default :func:`set_colours` of ``d``'s sets). Returns the paths written."""
+    ``colours``: the set colours (default :func:`set_colours` of ``d``'s sets). ``bootstrap``: a
+    :func:`cnndiff_xr.bootstrap_differentiation` of the same draws, drawn as intervals over images in the first
+    figure. Returns the paths written."""
     import cnndiff_xr as cx
 
     out = Path(out)
     palette = _colours_for(d["set"].values, colours)
-    written = save(differentiation_by_layer(d, note=note, colours=palette)[0], out / "differentiation")
+    written = save(differentiation_by_layer(d, note=note, colours=palette, bootstrap=bootstrap)[0],
+                   out / "differentiation")
     if reference:
         written += save(normalised_differentiation(d, reference, note=note, colours=palette)[0],
                         out / f"differentiation_by_{reference}")
     if d.sizes["set"] >= 3 and schema.INPUT_LAYER in d["layer"].values:
         written += save(r2_by_depth(cx.stimulus_regression(d), note=note)[0], out / "stimulus_vs_layer_r2")
     return written
+
+
+def write_comparison_figure(c: xr.Dataset, out: str | Path, *, note: str | None = None) -> list[Path]:
+    """The comparison of two sets (:func:`cnndiff_xr.compare_sets`, with the bootstrap of both sets in its
+    ``bootstrap`` variable when ``cnndiff compare --bootstrap`` made one) as ``comparison`` under ``out``."""
+    boot = c["bootstrap"] if "bootstrap" in c else None
+    return save(set_comparison(c.drop_vars("bootstrap", errors="ignore"), bootstrap=boot, note=note)[0],
+                Path(out) / "comparison")
+
+
+def write_similarity_figure(s: xr.DataArray, out: str | Path, *, note: str | None = None) -> list[Path]:
+    """A layer similarity matrix (:func:`cnndiff_xr.layer_similarity`) as ``similarity`` under ``out``."""
+    return save(similarity_matrix(s, note=note)[0], Path(out) / "similarity")

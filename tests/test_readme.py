@@ -88,6 +88,8 @@ def _kind(block: str) -> str:
         return "plain_xarray"
     if "s3://" in block:
         return "object_storage"
+    if "cx.compare_sets(" in block:
+        return "beyond"
     return "other"
 
 
@@ -100,6 +102,9 @@ FACTS = {
     # the reduced store's differentiation is the full store's of the ten lines (same images, layers, draws), bit for bit
     "reduced": '{"block": "reduced", "same_as_full": bool((d_small == d).all()), "d": dict(d_small.sizes), '
                '"heat_layers": len(heat.children), "unit_dims": list(small["block1_conv1"]["activation"].dims)}',
+    "beyond": '{"block": "beyond", "boot": dict(boot.sizes), "interval": sorted(interval.data_vars), '
+              '"p": [float(test["p_value"].min()), float(test["p_value"].max())], "cka": dict(cka.sizes), '
+              '"cka_diagonal": bool(abs(cka.values.diagonal() - 1).max() < 1e-9)}',
     "object_storage": '{"block": "object_storage", "layers": len(tree.attrs["layers"]), "d": dict(d.sizes)}',
 }
 
@@ -213,6 +218,11 @@ def test_readme_python_blocks_run_as_one_script(readme_world):
     reduced = by_block["reduced"]  # the reduced store: the same numbers as the full store of the ten lines
     assert reduced == {"block": "reduced", "same_as_full": True, "d": ten["d"], "heat_layers": 21,
                        "unit_dims": ["image", "unit"]}
+    beyond = by_block["beyond"]  # images resampled, sets compared, layers related, on the ten lines' store
+    assert beyond["boot"] == {"set": 2, "layer": 21, "n_units": 1, "resample": 10, "bootstrap": 1000}
+    assert beyond["interval"] == ["lower", "mean", "sd", "upper"]
+    assert 1 / 1001 <= beyond["p"][0] <= beyond["p"][1] <= 1
+    assert beyond["cka"] == {"layer": 21, "layer_other": 21} and beyond["cka_diagonal"]
     s3 = by_block["object_storage"]
     assert s3["layers"] == 22 and s3["d"]["set"] == 1  # VGG16's default layers: all but flatten
     assert cx.open_activations(str(root / "acts.zarr")).cnndiff.complete

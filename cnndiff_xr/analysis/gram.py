@@ -12,12 +12,21 @@ traffic) on blocks of :data:`GRAM_BLOCK_COLUMNS` units whose results are summed 
 :func:`accurate_gram` recomputes in float64 the pairs whose bound exceeds :data:`DISTANCE_RTOL` (nearly identical
 images). Every distance is therefore within ``DISTANCE_RTOL`` (1e-5) relative of the float64 computation; measured
 errors are about 1e-8.
+
+Threads. A Gram product run by a pool of threads (dask's threaded scheduler, a distributed worker with several
+threads) uses one BLAS thread (:func:`one_blas_thread_in_pools`): the pool already runs one product per core, and
+BLAS's own threads on top of that (one per core per product) oversubscribe the cores -- measured at 20,000 images:
+2.43x the Gram floor with BLAS's default threads, 1.96x with one (``benchmarks/RESULTS.md``). A product on the main
+thread (the synchronous scheduler) keeps every BLAS thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +37,7 @@ __all__ = [
     "ErrorBound",
     "Shift",
     "accurate_gram",
+    "one_blas_thread_in_pools",
     "cosine_similarity",
     "euclidean_distances",
     "euclidean_error_bound",
@@ -165,8 +175,54 @@ def _rounded(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, np.float32).astype(np.float64)
 
 
+class _BlasLimit:
+    """The process's BLAS thread count held at one while any pool thread computes a Gram product.
+
+    BLAS libraries keep one thread count per process, not per thread, so the limit is reference-counted: set by the
+    first product to start, restored (to what it was) by the last to finish."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limiter: Any = None
+        self._controller: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if threading.current_thread() is threading.main_thread():
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                if self._controller is None:
+                    from threadpoolctl import ThreadpoolController
+
+                    self._controller = ThreadpoolController()
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
+
+
+#: ``with one_blas_thread_in_pools():`` -- one BLAS thread in a pool thread, all of them on the main thread
+one_blas_thread_in_pools = _BlasLimit()
+
+
 def gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None = None,
          *, with_sums: bool = False) -> tuple[np.ndarray, ...]:
+    """The Gram block of :func:`_gram`; one BLAS thread when a pool thread asks (:func:`one_blas_thread_in_pools`)."""
+    with one_blas_thread_in_pools():
+        return _gram(xa, xb, shift_a, shift_b, with_sums=with_sums)
+
+
+def _gram(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shift_b: Shift | None = None,
+          *, with_sums: bool = False) -> tuple[np.ndarray, ...]:
     """Gram block of shifted rows, float32 products summed in float64.
 
     ``xb=None``: the block with itself (a symmetric rank-k update). Columns are taken
