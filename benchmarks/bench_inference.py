@@ -27,15 +27,14 @@ from common import machine_info
 
 
 def synthetic(per_set: int, units: int):
-    import dask.array as da
+    """Seeded uniform values, one task per chunk of 64 images (``bench_large_n.synthetic``: map_blocks, not
+    ``da.random``, whose graph, in a Dataset of compare_sets' six variables, made dask 2026.8 report a missing
+    dependency at compute; each variable alone computes)."""
     import numpy as np
-    import xarray as xr
+    from bench_large_n import synthetic as blocks
 
-    n = 2 * per_set
-    data = da.random.default_rng(0).random((n, units), chunks=(64, units), dtype=np.float32)
-    sets = np.repeat(["a", "b"], per_set)
-    return xr.DataArray(data, dims=("image", "unit"), coords={"image": np.arange(n), "set": ("image", sets)},
-                        name="synthetic")
+    array = blocks(2 * per_set, units, 64)
+    return array.assign_coords(image=np.arange(2 * per_set), set=("image", np.repeat(["a", "b"], per_set)))
 
 
 def timed(label: str, build) -> float:

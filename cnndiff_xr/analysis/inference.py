@@ -171,7 +171,8 @@ def _sorted_weighted(sorted_values: np.ndarray, w: np.ndarray, reduction: Reduct
         has = total > 0
         out[has] = (w[has].astype(np.float64) @ sorted_values) / total[has]
         return out
-    cum = np.cumsum(w, axis=1, dtype=np.int64)
+    # int32 halves the memory traffic of the weights (the cost of a bootstrap) where no sum can overflow it
+    cum = np.cumsum(w, axis=1, dtype=w.dtype if w.dtype == np.int32 else np.int64)
     for k in range(w.shape[0]):
         total = int(cum[k, -1]) if cum.shape[1] else 0
         if total == 0:
@@ -188,7 +189,10 @@ def _bootstrap_pairs(values: np.ndarray, i: np.ndarray, j: np.ndarray, counts: n
     ``counts[b, i] * counts[b, j]``; ``(n_boot,)``."""
     order = np.argsort(values, kind="stable")
     v, ii, jj = values[order], i[order], j[order]
-    n_boot = counts.shape[0]
+    n_boot, n_images = counts.shape
+    # every resample's total weight is sum_{i<j} c_i c_j <= n_images^2 / 2: int32 holds every partial sum below
+    small = n_images * n_images // 2 < np.iinfo(np.int32).max
+    counts = counts.astype(np.int32) if small else counts
     out = np.empty(n_boot)
     step = max(1, _WEIGHT_ELEMENTS // max(1, v.size))
     for lo in range(0, n_boot, step):
