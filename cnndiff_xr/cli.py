@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -848,9 +849,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         set_verbose(True)  # before any framework is imported; the worker processes inherit it
+    previous = None if args.verbose else _hide_dask_logs()
+    interrupted = False
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        interrupted = True
         if args.debug:
             raise
         print(f"cnndiff {args.command}: interrupted (Ctrl-C); {_interruption_note(args)}", file=sys.stderr)
@@ -866,6 +870,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"cnndiff {args.command}: error: {type(err).__name__}: {message}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        # after Ctrl-C the process ends while the cluster's event loop may still report, from its own thread, what
+        # it could not send to a client already gone: the logs stay hidden to the end
+        if previous is not None and not interrupted:
+            logging.getLogger("distributed").setLevel(previous)
+
+
+def _hide_dask_logs() -> int:
+    """Hide distributed's log lines, CRITICAL ones included, as the CLI promises without --verbose (errors reach the
+    user as the command's one-line message); returns the level to restore. Set after distributed is imported: its
+    import sets its loggers' levels from its configuration."""
+    import distributed  # noqa: F401  (its import configures the "distributed" loggers)
+
+    logger = logging.getLogger("distributed")
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    return previous
 
 
 if __name__ == "__main__":
