@@ -303,8 +303,11 @@ def test_ctrl_c_during_extract_says_what_was_saved_and_exits_130(tmp_path):
     path = tmp_path / "big.zarr"
     args = ["extract", str(path), "--set", "noise=noise:2000", *QUICK, "--batch-size", "4", "--workers", "2"]
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    # Ctrl-C's default disposition in the command, as a shell gives it: an ignored SIGINT is inherited across exec
+    # (and Python then installs no KeyboardInterrupt handler), and something earlier in a full test run leaves this
+    # process ignoring it -- the cause of two CI failures where the command ran on to its end
     proc = subprocess.Popen([CNNDIFF, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
