@@ -205,6 +205,18 @@ def reduce_group(graph: GraphBuilder, group: GroupBlocks, reduction: Reduction, 
     return add_median(graph, group, index)
 
 
+#: the ``median_convention`` attribute of every result that takes medians of pairwise distances
+MEDIAN_CONVENTION = "mean of the two middle values for an even number of pairs (numpy.median)"
+
+
+def settings_attrs(*, unit_type: str, norm: str, metric: str, reduction: str, seed: int, constant: str
+                   ) -> dict[str, object]:
+    """The attributes that record a differentiation's settings, shared by the analyses built on it (bootstrap,
+    set comparison), so that every result names them alike."""
+    return {"unit_type": unit_type, "norm": norm, "metric": metric, "reduction": reduction, "seed": seed,
+            "constant": constant, "median_convention": MEDIAN_CONVENTION}
+
+
 def differentiation(
     tree: xr.DataTree | xr.DataArray | xr.Dataset,
     n_units: int | Sequence[int] = (200, 10000),
@@ -369,13 +381,6 @@ def differentiation(
             "n_images": ("set", np.array([rows.size for rows in groups.values()])),
         },
         name="differentiation",
-        attrs={
-            "unit_type": unit_type,
-            "norm": norm,
-            "metric": metric,
-            "reduction": reduction,
-            "seed": seed,
-            "constant": constant,
-            "median_convention": "mean of the two middle values for an even number of pairs (numpy.median)",
-        },
+        attrs=settings_attrs(unit_type=unit_type, norm=norm, metric=metric, reduction=reduction, seed=seed,
+                             constant=constant),
     )

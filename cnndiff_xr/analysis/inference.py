@@ -62,7 +62,7 @@ from .blocks import (
     one_block_distances,
 )
 from .collection import Collection, as_collection
-from .differentiation import analysis_memory, draw_groups
+from .differentiation import analysis_memory, draw_groups, settings_attrs
 from .draws import DrawTable, UnitPlan, draw_table
 from .gram import GRAM_BLOCK_COLUMNS, ROW_CSS, ROW_MAX, ROW_MIN, ROW_SQUARES, ROW_SUM, Shift
 from .graph import GraphBuilder, Key
@@ -467,14 +467,9 @@ def bootstrap_differentiation(
         },
         name="bootstrap_differentiation",
         attrs={
-            "unit_type": unit_type,
-            "norm": norm,
-            "metric": metric,
-            "reduction": reduction,
-            "seed": seed,
-            "constant": constant,
+            **settings_attrs(unit_type=unit_type, norm=norm, metric=metric, reduction=reduction, seed=seed,
+                             constant=constant),
             "n_boot": n_boot,
-            "median_convention": "mean of the two middle values for an even number of pairs (numpy.median)",
             "bootstrap": "images of each set resampled with replacement; pairs of copies of one image excluded; "
                          "distances of the original set (its normalisation); weighted median over its RDM",
             "bootstrap_seed": "SeedSequence([seed, blake2b_8(set), 0x626F6F74]): the same resamples for every "
@@ -751,19 +746,14 @@ def compare_sets(
         attrs={
             "a": a,
             "b": b,
-            "unit_type": unit_type,
-            "norm": norm,
-            "metric": metric,
-            "reduction": reduction,
-            "seed": seed,
-            "constant": constant,
+            **settings_attrs(unit_type=unit_type, norm=norm, metric=metric, reduction=reduction, seed=seed,
+                             constant=constant),
             "n_permutations": n_permutations,
             "statistic": "mean over unit redraws of differentiation(a) - differentiation(b)",
             "p_value": "two-sided: (1 + #{|null| >= |difference|}) / (1 + n_permutations); set labels permuted "
                        "over the union, group sizes kept, each group normalised on its own",
             "p_holm": "Holm's step-down adjustment over the layers, per n_units",
             "permutation_seed": "SeedSequence([seed, blake2b_8(a), blake2b_8(b), 0x7065726D])",
-            "median_convention": "mean of the two middle values for an even number of pairs (numpy.median)",
         },
     )
 

@@ -58,6 +58,7 @@ from ..validation import (
 )
 from .blocks import _gather, _gather_in_read
 from .collection import Collection, LayerData, as_collection, completed_check
+from .differentiation import MEDIAN_CONVENTION
 from .draws import DrawTable, UnitPlan, draw_table, make_plan, plan_for
 from .graph import GraphBuilder, Key, block_keys
 
@@ -519,7 +520,7 @@ def spectral_differentiation(
             "reduction": reduction,
             "scale": scale,
             "reference": REFERENCE,
-            "median_convention": "mean of the two middle values for an even number of pairs (numpy.median)",
+            "median_convention": MEDIAN_CONVENTION,
         },
     )
     if all_units:
