@@ -27,9 +27,7 @@ from common import machine_info
 
 
 def synthetic(per_set: int, units: int):
-    """Seeded uniform values, one task per chunk of 64 images (``bench_large_n.synthetic``). At this scale
-    compare_sets' Dataset fails to compute ("Missing dependency ('truediv-...')"; each variable alone computes): an
-    open bug, see RESULTS.md."""
+    """Seeded uniform values, one task per chunk of 64 images (``bench_large_n.synthetic``)."""
     import numpy as np
     from bench_large_n import synthetic as blocks
 

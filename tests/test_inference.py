@@ -231,6 +231,18 @@ def test_holm_by_hand_and_in_the_result(tree):
         np.testing.assert_allclose(c.p_holm.sel(n_units=n_units).values, by_hand, rtol=1e-15)
 
 
+@pytest.mark.parametrize("layers", ["block1_conv1", None])
+def test_compare_sets_dataset_computes_in_one_dask_compute(tree, layers):
+    # dask.compute(dataset) optimises all variables' graphs together; with p_holm computed from p, blockwise fusion
+    # dropped p's chunk ("Missing dependency ('truediv-...')") when the call had one layer
+    c = compare_sets(tree, "random", "cats", [20, 50], n_permutations=9, resamples=2, layers=layers)
+    (together,) = dask.compute(c, scheduler="threads")
+    alone = {name: c[name].compute(scheduler="sync") for name in c.data_vars}
+    for name, value in alone.items():
+        np.testing.assert_array_equal(together[name].values, value.values)
+    np.testing.assert_array_equal(together.p_holm.values, holm(together.p_value.values, axis=0))
+
+
 def _two_sets(rng: np.random.Generator, n_a: int, n_b: int, noise_b: float, units: int = 24) -> xr.DataArray:
     """Images of a common pattern plus noise; set ``b``'s noise scaled by ``noise_b`` (1: one distribution). Each
     group is normalised by its own SD, so only the share of noise in it can tell the sets apart."""

@@ -602,15 +602,16 @@ def _compare_chunk(values: list[np.ndarray], index: np.ndarray) -> np.ndarray:
     return np.stack(values)[index][None]
 
 
-def _p_values(observed: da.Array, null: da.Array) -> da.Array:
-    """Two-sided permutation p: ``(1 + #{|null| >= |obs| (1 - P_VALUE_RTOL)}) / (1 + n_permutations)`` (lazy)."""
-    hits = (abs(null) >= (abs(observed) * (1.0 - P_VALUE_RTOL))[..., None]).sum(axis=-1)
-    out: da.Array = (1.0 + hits) / (1.0 + null.shape[-1])
+def _p_values(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """Two-sided permutation p: ``(1 + #{|null| >= |obs| (1 - P_VALUE_RTOL)}) / (1 + n_permutations)``."""
+    hits = (np.abs(null) >= (np.abs(observed) * (1.0 - P_VALUE_RTOL))[..., None]).sum(axis=-1)
+    out: np.ndarray = (1.0 + hits) / (1.0 + null.shape[-1])
     return out
 
 
-def _holm_layers(p: np.ndarray) -> np.ndarray:
-    return holm(p, axis=0)
+def _holm_p_values(observed: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """Holm's adjustment over the layers (axis 0) of :func:`_p_values`, all layers in one chunk."""
+    return holm(_p_values(observed, null), axis=0)
 
 
 def _check_set_name(parameter: str, value: object) -> str:
@@ -724,8 +725,11 @@ def compare_sets(
     per_resample = values[..., 0] - values[..., 1]  # (layer, n_units, resample, 1 + permutation)
     statistic = per_resample.mean(axis=2)
     observed, null = statistic[..., 0], statistic[..., 1:]
-    p = _p_values(observed, null)
-    p_holm = da.map_blocks(_holm_layers, p.rechunk(-1), dtype=np.float64)
+    # p and its Holm adjustment each from (observed, null), not one from the other: dask 2026.8's blockwise fusion
+    # dropped p's chunk when p and map_blocks(holm, p) were computed together ("Missing dependency ('truediv-...')")
+    p = da.blockwise(_p_values, "ij", observed, "ij", null, "ijk", concatenate=True, dtype=np.float64)
+    p_holm = da.blockwise(_holm_p_values, "ij", observed.rechunk({0: -1}), "ij", null.rechunk({0: -1}), "ijk",
+                          concatenate=True, dtype=np.float64)
     coords = _common_coords(coll, layer_names, tables, n_list, resamples)
     return xr.Dataset(
         {
