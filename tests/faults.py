@@ -51,6 +51,37 @@ def run_extraction(store: str, client, model=None, sets=None, **kwargs):
                       client=client, batch_size=BATCH_SIZE, progress=False, return_report=True, **kwargs)
 
 
+def load_layer(tree, name):
+    return tree[name]["activation"].compute(scheduler="synchronous")
+
+
+def assert_same_store(path, reference):
+    """Every layer's activations and image coordinates are identical; completion all True; ids unique."""
+    import xarray as xr
+    from tiny import TINY_LAYERS
+
+    import cnndiff_xr as cx
+    from cnndiff_xr.extraction import store
+
+    got, ref = cx.open_activations(path), cx.open_activations(reference)
+    assert got.attrs["layers"] == ref.attrs["layers"] == TINY_LAYERS
+    for name in TINY_LAYERS:
+        xr.testing.assert_identical(load_layer(got, name), load_layer(ref, name))
+    ids = list(got["image"].values)
+    assert ids == list(ref["image"].values) and len(set(ids)) == len(ids)
+    assert bool(store.completed(path).all())
+
+
+def done_batches(path) -> int:
+    """Complete batches now (0 while the store does not exist yet)."""
+    from cnndiff_xr.extraction import store
+
+    try:
+        return int(store.completed(path).sum()) // BATCH_SIZE
+    except Exception:  # not created yet
+        return 0
+
+
 if __name__ == "__main__":
     address, store = sys.argv[1], sys.argv[2]
     _, report = run_extraction(store, address)

@@ -56,19 +56,8 @@ def reference_store(tmp_path_factory, process_cluster, tiny_model):
     return path
 
 
-def _load(tree, name):
-    return tree[name]["activation"].compute(scheduler="synchronous")
-
-
-def assert_same_store(path, reference):
-    """Every layer's activations and image coordinates are identical; completion all True; ids unique."""
-    got, ref = cx.open_activations(path), cx.open_activations(reference)
-    assert got.attrs["layers"] == ref.attrs["layers"] == TINY_LAYERS
-    for name in TINY_LAYERS:
-        xr.testing.assert_identical(_load(got, name), _load(ref, name))
-    ids = list(got["image"].values)
-    assert ids == list(ref["image"].values) and len(set(ids)) == len(ids)
-    assert bool(store.completed(path).all())
+assert_same_store = faults.assert_same_store
+_load = faults.load_layer
 
 
 def _chunk_files(path, batch):
@@ -80,12 +69,7 @@ def _chunk_files(path, batch):
     return files
 
 
-def _done_batches(path) -> int:
-    """Complete batches now (0 while the store does not exist yet)."""
-    try:
-        return int(store.completed(path).sum()) // faults.BATCH_SIZE
-    except Exception:  # not created yet
-        return 0
+_done_batches = faults.done_batches
 
 
 def _wait_until_partly_done(path, low, high, timeout=180, alive=lambda: True):

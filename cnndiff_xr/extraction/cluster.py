@@ -254,6 +254,34 @@ def _check_memory_limit(memory_limit: Any) -> None:
         raise ParameterValueError(message)
 
 
+class WeightsMismatchError(RuntimeError):
+    """A worker built the model with other weights than those the store records (``weights_sha256``, the digest of
+    the weights the client built for the run): its activations would not be the store's model's, so it computes no
+    batch.
+
+    Attributes
+    ----------
+    worker
+        The worker's address.
+    expected
+        The digest the store records (the client's build).
+    built
+        The digest of the weights the worker built.
+    """
+
+    def __init__(self, worker: str, expected: str, built: str) -> None:
+        self.worker, self.expected, self.built = worker, expected, built
+        super().__init__(
+            f"worker {worker} built the model with weights sha256 {built}, but the store records weights_sha256 "
+            f"{expected} (the weights the client built for this run): that worker would write another model's "
+            f"activations, so it computed nothing. Give it the same model files as the client (the ImageNet weights in "
+            f"its Keras cache, the weights file at the same path) and the same framework versions, then rerun the "
+            f"same extraction: it computes only the batches not yet written.")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # travels from a worker to the client by pickle: keep the fields
+        return type(self), (self.worker, self.expected, self.built)
+
+
 class ModelPlugin(WorkerPlugin):
     """Holds one :class:`~cnndiff_xr.extraction.backends.ModelBackend` per worker, built from a
     :class:`~cnndiff_xr.extraction.backends.ModelSpec` when the plugin is set up.
@@ -261,26 +289,38 @@ class ModelPlugin(WorkerPlugin):
     Building in ``setup`` (which ``client.register_plugin`` waits for) keeps the model load out of the batches'
     timing and builds on every worker at once; a failure is kept and raised by the first task that needs the model,
     so it reaches the client with its message instead of only a worker log line.
+
+    ``weights_sha256`` is the digest of the weights the client built (the store's ``weights_sha256``): each worker
+    compares the digest of the model it built with it and, when they differ, refuses every batch with a
+    :class:`WeightsMismatchError` naming both digests and the worker. A worker can build other weights than the
+    client from the same spec: another file at the same path or in its Keras cache, another framework version, a
+    model whose build is not deterministic. Without the check such a worker would write activations of another
+    model into the store, indistinguishable from the rest.
     """
 
     def __init__(self, spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32",
-                 reduction: Reduction | None = None) -> None:
+                 reduction: Reduction | None = None, weights_sha256: str | None = None) -> None:
         self.spec = spec
         self.layers = list(layers)
         self.dtype: Dtype = dtype
         self.reduction = reduction if reduction is not None else Reduction()
+        self.weights_sha256 = weights_sha256
         self.name = plugin_name(spec, layers, dtype, self.reduction)
         self._model: ModelBackend | None = None
         self._error: BaseException | None = None
+        self._address: str | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # the built model and the lock stay in the worker
-        return {"spec": self.spec, "layers": self.layers, "dtype": self.dtype, "reduction": self.reduction}
+        return {"spec": self.spec, "layers": self.layers, "dtype": self.dtype, "reduction": self.reduction,
+                "weights_sha256": self.weights_sha256}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spec"], state["layers"], state["dtype"], state["reduction"])  # type: ignore[misc]
+        self.__init__(state["spec"], state["layers"], state["dtype"], state["reduction"],  # type: ignore[misc]
+                      state.get("weights_sha256"))
 
     def setup(self, worker: Any) -> None:
+        self._address = getattr(worker, "address", None)
         self.spec.prepare_process()  # before the framework runs anything in this process (thread pools)
         try:
             model = self.model()
@@ -295,8 +335,26 @@ class ModelPlugin(WorkerPlugin):
             if self._error is not None:
                 raise self._error
             if self._model is None:
-                self._model = self.spec.backend(self.layers, self.dtype, self.reduction)
+                model = self.spec.backend(self.layers, self.dtype, self.reduction)
+                self._check_weights(model)
+                self._model = model
             return self._model
+
+    def _check_weights(self, model: ModelBackend) -> None:
+        """Raise (and keep for every later task) a :class:`WeightsMismatchError` when ``model``'s weights are not
+        those the client recorded."""
+        if self.weights_sha256 is None:
+            return
+        built = model.weights_digest()
+        if built != self.weights_sha256:
+            address = self._address
+            if address is None:  # built outside setup: the task's worker
+                try:
+                    address = get_worker().address
+                except ValueError:
+                    address = "(not a Dask worker)"
+            self._error = WeightsMismatchError(str(address), self.weights_sha256, built)
+            raise self._error
 
 
 def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32",
@@ -308,8 +366,12 @@ def plugin_name(spec: ModelSpec, layers: Sequence[str], dtype: Dtype = "float32"
     return f"cnndiff-model-{spec.key}-{hashlib.sha256(what.encode()).hexdigest()[:8]}"
 
 
-def worker_model(name: str) -> ModelBackend:
-    """The model cached on the current worker by the plugin registered under ``name``."""
+def worker_model(name: str, dtype: Dtype | None = None, layers: Sequence[str] | None = None) -> ModelBackend:
+    """The model cached on the current worker by the plugin registered under ``name``; with ``dtype`` or ``layers``
+    other than the plugin's, a fresh copy of the same model (same spec and reduction) giving those ``layers`` (default:
+    the plugin's) in ``dtype`` (default: the plugin's), built now and not cached: the float16 overflow check needs the
+    float32 values of the one batch that overflowed, and keeping a second model on every worker for that rare case
+    would double the weights in memory."""
     worker = get_worker()
     try:
         plugin = worker.plugins[name]
@@ -317,4 +379,7 @@ def worker_model(name: str) -> ModelBackend:
         raise RuntimeError(f"worker {worker.address} has no model plugin {name!r}; was it registered?") from err
     if not isinstance(plugin, ModelPlugin):
         raise RuntimeError(f"worker plugin {name!r} is a {type(plugin).__name__}, not a cnndiff model plugin")
+    if (dtype is not None and dtype != plugin.dtype) or (layers is not None and list(layers) != plugin.layers):
+        return plugin.spec.backend(plugin.layers if layers is None else list(layers),
+                                   plugin.dtype if dtype is None else dtype, plugin.reduction)
     return plugin.model()

@@ -20,7 +20,12 @@ rules).
 Faults, and why the store stays right:
 
 - **A worker dies** (SIGKILL, out of memory): Dask reruns its tasks on another worker. A task that died mid-batch
-  wrote no completion record; its rerun rewrites the batch's chunks whole.
+  wrote no completion record; its rerun rewrites the batch's chunks whole. A worker that dies while the model is
+  being set up (the plugin's registration, before any batch) makes the scheduler's broadcast fail; the registration
+  is tried again (``PLUGIN_ATTEMPTS``), on the workers that remain.
+- **The scheduler dies** (or the connection to it): the run stops with one :class:`SchedulerLostError` saying how
+  much is saved; the lock is released as for any error, and a rerun against a new scheduler resumes. The old
+  scheduler's workers may finish the batch they were running: orphans, as below.
 - **The client dies** (SIGKILL, lost session): the scheduler drops the client's tasks, but tasks already *executing*
   on workers cannot be interrupted and finish as orphans, writing their batch. Rerunning the same command takes the
   dead client's lock (its process is gone), reads the completion record and submits only the batches not yet
@@ -30,6 +35,9 @@ Faults, and why the store stays right:
   temporary file and renames it; an S3 PUT is atomic), so a reader sees the old or the new chunk, never a mix; (c) the
   completion record is written after the data by each writer, so "complete" always means "all chunks written". Task
   keys are deterministic per (store, batch), so a rerun's task often simply takes over the orphan's running task.
+- **A float16 store's values overflow** (finite in the model, 65520 or more in magnitude): the batch task finds it
+  before writing anything of its batch (:class:`Float16OverflowError`, naming the layer and the images), and the run
+  stops there; the batches already written stay complete, the overflowing one is not marked complete.
 - **The store is replaced while orphans run** (deleted and recreated at the same URL): each store gets a random
   ``store_id`` at creation; a task checks it just before writing data and again before writing completion, and drops
   its results if it changed, so an orphan never writes into, or marks complete, a different store.
@@ -37,14 +45,16 @@ Faults, and why the store stays right:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -73,16 +83,72 @@ from ..schema import (
 from ..validation import check_bool
 from . import images
 from . import store as _store
-from .cluster import ModelPlugin, get_client, refuse_in_starting_child, worker_model
+from .cluster import ModelPlugin, WeightsMismatchError, get_client, refuse_in_starting_child, worker_model
 from .config import ExtractionConfig, identity
 from .lock import StoreLock
 from .reduction import Reduction
 
-__all__ = ["BatchTask", "ExtractionError", "ExtractionReport", "extract", "size_report"]
+__all__ = ["BatchTask", "ExtractionError", "ExtractionReport", "Float16OverflowError", "SchedulerLostError",
+           "extract", "size_report"]
 
 
 class ExtractionError(RuntimeError):
     """Some batches failed; the others are written and a rerun finishes only what is missing."""
+
+
+class SchedulerLostError(ExtractionError):
+    """The connection to the scheduler was lost during the run (the scheduler died or the network went away).
+
+    The batches whose completion is recorded are whole and stay; a rerun of the same extraction against a running
+    scheduler (a new one will do) computes only the missing ones."""
+
+
+#: float16's largest finite value
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+#: The smallest magnitude that float32 -> float16 rounds to inf: halfway between 65504 and 2**16, where round-half-
+#: to-even goes up (65504's last mantissa bit is odd)
+FLOAT16_OVERFLOW = 65520.0
+#: How many images an overflow message names before "and N more"
+_NAMED_IMAGES = 5
+
+
+class Float16OverflowError(ExtractionError):
+    """A layer's values are finite in the model but beyond float16's range (magnitude 65520 or more), so a float16
+    store would hold them as inf.
+
+    Raised by the batch task before it writes anything of its batch (so the batch is not marked complete), and
+    raised again by :func:`extract`, which stops the run at the first one. Values the model itself made inf or NaN
+    are not overflow: they are stored as they are, as a float32 store would.
+
+    Attributes
+    ----------
+    store
+        The store being extracted.
+    layer
+        The first layer, in network order, that overflowed in the batch; ``other_layers`` the later ones.
+    images
+        The overflowing images of that layer, named as the image table names them (id and source).
+    largest
+        The largest magnitude of the overflowing values (float32, as the model computed it).
+    """
+
+    def __init__(self, store: str, layer: str, images: Sequence[str], largest: float,
+                 other_layers: Sequence[str] = ()) -> None:
+        self.store, self.layer, self.largest = store, layer, float(largest)
+        self.images, self.other_layers = list(images), list(other_layers)
+        named = ", ".join(self.images[:_NAMED_IMAGES])
+        if len(self.images) > _NAMED_IMAGES:
+            named += f" and {len(self.images) - _NAMED_IMAGES} more"
+        also = f" (and in layer(s) {', '.join(map(repr, self.other_layers))})" if self.other_layers else ""
+        super().__init__(
+            f"layer {layer!r} has values beyond float16's range in {len(self.images)} image(s){also}: {named}. Their "
+            f"largest magnitude is {self.largest:.4g}, above float16's largest value {FLOAT16_MAX:g}: a float16 store "
+            f"would hold them as inf. The run stopped before writing that batch; the batches already written stay in "
+            f"{store!r}. Extract into a new store (another path: the dtype is part of a store's identity, so this one "
+            f"takes only float16) with dtype='float32' (--dtype float32).")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # travels from a worker to the client by pickle: keep the fields
+        return type(self), (self.store, self.layer, self.images, self.largest, self.other_layers)
 
 
 @dataclasses.dataclass
@@ -161,14 +227,70 @@ def _check_images(refs: Sequence[images.ImageRef]) -> list[tuple[str | None, str
     return [images.screen_image(ref) for ref in refs]
 
 
-def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef]) -> int:
-    """Decode, run and write one batch (a whole chunk of every layer); return the number of images."""
+def _exponent_all_ones(values: np.ndarray, block: int = 1 << 16) -> bool:
+    """Whether any value of a float16 array is inf or NaN (its exponent bits all ones), cheaply.
+
+    On the uint16 bit patterns, block by block: each block's ``& 0x7C00`` stays in cache and its maximum is 0x7C00
+    only where the exponent is all ones; whole-array temporaries cost 4-7x more. Measured on an 8 x 224 x 224 x 64
+    layer (VGG16's block1, 51 MB in float16): ~6 ms of CPU, against ~33 ms for TensorFlow's float32 -> float16 cast
+    of it and ~165 ms for numpy's ``astype``; under 1 % of the batch's forward pass.
+    """
+    flat = np.ascontiguousarray(values).reshape(-1).view(np.uint16)
+    buffer = np.empty(min(block, flat.size), dtype=np.uint16)
+    for i in range(0, flat.size, block):
+        part = flat[i:i + block]
+        exponent = np.bitwise_and(part, 0x7C00, out=buffer[:part.size])
+        if exponent.max() == 0x7C00:
+            return True
+    return False
+
+
+def _float16_overflow(task: BatchTask, activations: Mapping[str, np.ndarray], rgb: np.ndarray,
+                      labels: Sequence[str]) -> Float16OverflowError | None:
+    """The overflow of a float16 batch, or None: values that the model computed finite and the cast made inf.
+
+    Cheap when nothing is inf (the usual case): one pass over the bit patterns. Only when a layer holds an inf does
+    it run the batch again through a float32 copy of the model, to tell overflow from an inf the model itself made
+    (the model's float32 output is cast inside its call, so it is gone) and to find the largest magnitude.
+    """
+    # layers holding an inf (a NaN alone is never overflow: it was NaN in the model already)
+    infinite = [name for name, values in activations.items()
+                if values.dtype == np.float16 and values.size and _exponent_all_ones(values)
+                and bool(((np.ascontiguousarray(values).view(np.uint16) & 0x7FFF) == 0x7C00).any())]
+    if not infinite:
+        return None
+    # only the layers holding an inf: a smaller graph to build and trace
+    exact = worker_model(task.plugin, "float32", layers=infinite).run(rgb).activations
+    found: list[tuple[str, list[int], float]] = []
+    for name in infinite:
+        values = exact[name]
+        over = np.isfinite(values) & (np.abs(values) >= FLOAT16_OVERFLOW)
+        if over.any():
+            per_image = over.reshape(len(values), -1).any(axis=1)
+            found.append((name, [int(i) for i in np.flatnonzero(per_image)], float(np.abs(values[over]).max())))
+    if not found:  # every inf was the model's own
+        return None
+    layer, rows, largest = found[0]
+    return Float16OverflowError(task.store, layer, [labels[i] for i in rows], largest,
+                                other_layers=[name for name, _, _ in found[1:]])
+
+
+def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef],
+                   labels: Sequence[str] | None = None) -> int:
+    """Decode, run and write one batch (a whole chunk of every layer); return the number of images.
+
+    ``labels`` name the batch's images in messages (id and source, as the image table names them)."""
     import zarr
 
     model = worker_model(task.plugin)
     rgb = images.load_batch(refs, model.input_size, task.resize)
     output = model.run(rgb)
     activations, probabilities = output.activations, output.probabilities
+    if task.dtype == "float16":  # before anything of the batch is written: an overflowing batch stays incomplete
+        overflow = _float16_overflow(task, activations, rgb,
+                                     labels if labels is not None else [ref.describe() for ref in refs])
+        if overflow is not None:
+            raise overflow
     _check_same_store(task.store, task.storage_options, task.store_id)
     group = _writable_group(task.store, task.storage_options, task.store_id)
     stop = start + len(refs)
@@ -190,6 +312,60 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef])
 
 
 # --------------------------------------------------------------------------------------------- client side
+logger = logging.getLogger(__name__)
+
+#: How often the model plugin's registration is tried when workers die during their model setup
+PLUGIN_ATTEMPTS = 3
+
+
+def _scheduler_lost(client: Client, error: BaseException) -> bool:
+    """Whether ``error`` means the client lost its scheduler (rather than a task or a worker failing)."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm import CommClosedError
+
+    if isinstance(error, FutureCancelledError):
+        return "scheduler-connection-lost" in error.reason
+    return isinstance(error, CommClosedError | OSError | TimeoutError) and client.status != "running"
+
+
+@contextlib.contextmanager
+def _scheduler_loss_reported(client: Client, url: str, storage_options: Mapping[str, Any] | None) -> Iterator[None]:
+    """Turn whatever distributed raises when the scheduler goes away mid-run into one :class:`SchedulerLostError`
+    that says what is saved and that a rerun resumes."""
+    try:
+        yield
+    except Exception as err:
+        if not _scheduler_lost(client, err):
+            raise
+        try:
+            saved = f"{int(_store.completed(url, storage_options=storage_options).sum())} images are saved"
+        except Exception:  # the store may not exist yet: the scheduler died before it was made
+            saved = "nothing was saved"
+        address = getattr(client.scheduler, "address", None) or "the scheduler"
+        raise SchedulerLostError(
+            f"lost the connection to the scheduler ({address}) while extracting into {url!r}: {saved} (whole "
+            f"batches, their completion recorded). Start a scheduler (and workers) and rerun the same extraction: it "
+            f"computes only the missing batches.") from err
+
+
+def _register_plugin(client: Client, plugin: ModelPlugin) -> None:
+    """Register the model plugin with the scheduler, which sets it up (builds the model) on every worker.
+
+    A worker that dies during its setup makes the scheduler's broadcast fail ("Stream is closed"), although the
+    scheduler has kept the plugin (for the workers still alive and for any that join later): register again, which
+    sets it up anew on the workers that remain. A lost scheduler is not retried (the caller reports it)."""
+    from distributed.comm import CommClosedError
+
+    for attempt in range(1, PLUGIN_ATTEMPTS + 1):
+        try:
+            client.register_plugin(plugin)
+            return
+        except (CommClosedError, OSError) as err:
+            if attempt == PLUGIN_ATTEMPTS or _scheduler_lost(client, err):
+                raise
+            logger.warning("a worker was lost while the model was set up (%s); registering it again", err)
+
+
 def size_report(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: Dtype,
                 reduction: Reduction | None = None) -> str:
     """The size preflight: exact uncompressed bytes per layer and in total (of what is kept: a reduced store's layers
@@ -381,11 +557,16 @@ def extract(
     model, weights, seed, preprocess
         A model name (a keras.applications name such as ``"vgg16"``) with ``weights`` "imagenet", None (random,
         seeded by ``seed``) or a weights file; or a model object of a backend's framework (a ``keras.Model``) with
-        ``preprocess``, a function from a float32 batch of RGB pixels in 0..255 to the model's input.
+        ``preprocess``, a function from a float32 batch of RGB pixels in 0..255 to the model's input. The model
+        object is the user's own: it runs on every worker as it runs here, ``Lambda`` layers and custom layer classes
+        included (a class in an importable module must be importable on the workers too; one defined in the main
+        script travels by value). A saved Keras model file (``model="my_model.keras"``, with ``preprocess``) is
+        loaded in Keras' safe mode: a file holding Python code (a ``Lambda`` layer) is refused.
     layers
         None (every layer except pure reshapes), ``"seed"`` (the seed notebook's 21 VGG16 layers) or a list of names.
     dtype
-        "float32" (default) or "float16" (half the disk, the analysis accumulates in float64).
+        "float32" (default) or "float16" (half the disk, the analysis accumulates in float64). A float16 run stops
+        with :class:`Float16OverflowError` at the first batch with values beyond float16's range (65504).
     client
         None (an embedded LocalCluster, one single-threaded worker process per core), a scheduler address, or a
         ``distributed.Client``.
@@ -443,8 +624,17 @@ def extract(
         The store was made with other settings or images, or ``store`` is something else.
     ImageError
         Unreadable images with ``on_error="raise"``, or a set that names no image (before anything is written).
+    Float16OverflowError
+        With ``dtype="float16"``: a layer's values are finite in the model but beyond float16's range (they would be
+        stored as inf). Raised at the first batch that overflows, naming the layer and the images, before anything
+        of that batch is written; the run stops and the batches already written stay. Extract into a new store with
+        ``dtype="float32"``.
     ExtractionError
         Some batches failed; the others are written, and rerunning finishes the rest.
+    WeightsMismatchError
+        A worker built the model with other weights than the client (another weights file at the same path or in its
+        Keras cache, another framework version): it computed none of its batches. The message names the worker and
+        both digests (:class:`cnndiff_xr.extraction.cluster.WeightsMismatchError`).
 
     Returns
     -------
@@ -487,7 +677,8 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
     say(size_report(shapes, len(table), config.dtype, config.reduction))
 
     # in-memory fsspec stores live in one process: use threads there
-    with get_client(config.client, n_workers=config.n_workers, processes=not config.in_memory) as client:
+    with get_client(config.client, n_workers=config.n_workers, processes=not config.in_memory) as client, \
+            _scheduler_loss_reported(client, url, options):
         table, skipped = _screen_images(client, table, config.on_error)
         attrs[SKIPPED_ATTR] = skipped
         if _store.exists(url, storage_options=options):
@@ -509,7 +700,9 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
                                                  filter_labels=filter_labels, reduction=config.reduction)
             _store.create_store(tree, encoding, url, storage_options=options)
         # the model is built on every worker while registering
-        plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction)
+        # with the digest the store records: each worker checks that it built the same weights
+        plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction,
+                             weights_sha256=attrs["weights_sha256"])
         task = BatchTask(store=url, storage_options=options, store_id=store_id, plugin=plugin.name,
                          resize=config.resize, dtype=config.dtype, with_predictions=with_predictions)
         report = _run_batches(client, task, plugin, table, batch_size=batch_size, progress=config.progress,
@@ -533,29 +726,49 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
     missing = [s for s in starts if not done[s:s + batch_size].all()]
     t_load = time.perf_counter()
     if missing:
-        client.register_plugin(plugin)
+        _register_plugin(client, plugin)
     t0 = time.perf_counter()
     # Keys are deterministic per (store, batch, model): two stores extracted at once on one cluster never share a
     # key (the scheduler would hand one run the other's result), and a rerun after a dead client reuses the keys of
     # the orphaned tasks, so the scheduler may simply let a still-running orphan finish for it.
     store_key = hashlib.sha256(json.dumps([task.store, task.store_id]).encode()).hexdigest()[:12]
+    labels = [f"{i} ({source})" for i, source in zip(table.ids, table.sources, strict=True)]
     futures = {
-        client.submit(_extract_batch, task, s, table.refs[s:s + batch_size], pure=False,
+        client.submit(_extract_batch, task, s, table.refs[s:s + batch_size], labels[s:s + batch_size], pure=False,
                       key=f"cnndiff-batch-{s}-{plugin.name}-{store_key}"): s
         for s in missing
     }
     failures = []
+    overflow: Float16OverflowError | None = None
     n_computed = 0
     with tqdm(total=sum(len(table.refs[s:s + batch_size]) for s in missing), unit="img", disable=not progress,
               desc="extract", file=sys.stderr) as bar:
         # loop=: a Client passed in need not be the default client (set_as_default=False)
-        for future in as_completed(futures, loop=client.loop):
+        completed = as_completed(futures, loop=client.loop)
+        for future in completed:
             if future.status == "error":
-                failures.append((futures[future], future.exception()))
+                error = future.exception()
+                if isinstance(error, Float16OverflowError):
+                    # every later batch of these images overflows too (or is written in a dtype the user must now
+                    # change): stop at once rather than compute the rest
+                    overflow = error
+                    completed.clear()
+                    break
+                failures.append((futures[future], error))
             else:
                 n_computed += future.result()
                 bar.update(len(table.refs[futures[future]:futures[future] + batch_size]))
     seconds = time.perf_counter() - t0
+    if overflow is not None:
+        # released, so the scheduler drops the batches not yet started (those running finish and write whole,
+        # complete batches: nothing half written)
+        for future in futures:
+            future.release()
+        futures.clear()
+        # its own message, not "1 of N batches failed": the remedy is another dtype, not a rerun; a fresh copy, so the
+        # traceback is this call's and not the worker's
+        raise Float16OverflowError(overflow.store, overflow.layer, overflow.images, overflow.largest,
+                                   overflow.other_layers) from None
     if failures:
         first_start, first_error = min(failures, key=lambda f: f[0])
         # Release (not cancel) our futures: with deterministic keys, a retry in this session whose traceback still
@@ -563,6 +776,10 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
         for future in futures:
             future.release()
         futures.clear()
+        mismatch = next((error for _, error in sorted(failures, key=lambda f: f[0])
+                         if isinstance(error, WeightsMismatchError)), None)
+        if mismatch is not None:  # its own message: the remedy is that worker's files or versions, not a rerun alone
+            raise WeightsMismatchError(mismatch.worker, mismatch.expected, mismatch.built) from None
         raise ExtractionError(
             f"{len(failures)} of {len(missing)} batches failed (first: images {first_start}.."
             f"{first_start + batch_size - 1}: {type(first_error).__name__}: {first_error}). The other batches are "

@@ -20,6 +20,9 @@ import os
 import re
 import sys
 import tempfile
+import types
+import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -126,8 +129,16 @@ def _is_keras_object(model: Any) -> bool:
     return any(getattr(cls, "__module__", "").split(".")[0] == "keras" for cls in type(model).__mro__)
 
 
+def is_model_file(model: Any) -> bool:
+    """Whether ``model`` names a saved Keras model file (a str or path ending in ``.keras``, any case)."""
+    return isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".keras")
+
+
 def handles(model: Any) -> bool:
-    """Whether ``model`` is this backend's: a ``keras.applications`` name (any case) or a Keras model."""
+    """Whether ``model`` is this backend's: a ``keras.applications`` name (any case), a ``.keras`` file or a Keras
+    model."""
+    if is_model_file(model):
+        return True
     if isinstance(model, str):
         return model.lower() in APPLICATIONS
     return _is_keras_object(model)
@@ -154,7 +165,7 @@ def _check_name(name: str) -> str:
     if name not in APPLICATIONS:
         raise ChoiceError(
             f"model={name!r} is not a known keras.applications model; choose one of {sorted(APPLICATIONS)} "
-            "or pass a keras.Model (with preprocess=...)"
+            "or pass a keras.Model or a .keras file (with preprocess=...)"
         )
     return name
 
@@ -193,8 +204,22 @@ def load_imagenet_class_labels(*, download: bool = False) -> list[str] | None:
 class KerasModelSpec:
     """Everything a worker needs to rebuild the same model: small and picklable (the backend's ``ModelSpec``).
 
-    Either ``name`` (a keras.applications model) with ``weights`` ("imagenet", None = random, or a file path) and
-    ``seed``, or ``model_bytes`` (a user's model saved in the ``.keras`` format) with ``preprocess``.
+    One of three, each with the trust its source deserves:
+
+    - ``name`` (a keras.applications model) with ``weights`` ("imagenet", None = random, or a file path) and
+      ``seed``;
+    - ``model_payload``: a ``keras.Model`` the user passed in their own process (:func:`user_model_payload`: its
+      config, its weights, and the Python objects the config names -- custom layer classes, ``Lambda`` functions --
+      pickled with cloudpickle), rebuilt with Keras' safe mode off. That is safe because the object is the user's
+      own and already runs in their process: the payload comes from that process through Dask, which workers trust
+      for every task anyway (each task is a pickle from the client), and unpickling it already runs whatever it
+      holds, so safe mode would guard nothing. Safe mode refuses Python code from *files*, which this is not;
+    - ``model_bytes``: a ``.keras`` file named by path (``model_file``, for messages), read on the client and loaded
+      on every worker in Keras' safe mode: a file may come from anywhere, and a ``Lambda`` layer in it is code that
+      would run on load, so it is refused (:func:`_load_model_file` says how to run it knowingly). Nothing read from
+      a store ever becomes a spec: stores hold no pickles and no code.
+
+    The last two come with ``preprocess``.
     """
 
     name: str | None = None
@@ -203,6 +228,8 @@ class KerasModelSpec:
     model_bytes: bytes | None = None
     preprocess: Callable[[np.ndarray], np.ndarray] | None = None
     label: str = ""
+    model_payload: bytes | None = None
+    model_file: str | None = None
 
     @property
     def key(self) -> str:
@@ -210,6 +237,9 @@ class KerasModelSpec:
         digest = hashlib.sha256(repr((self.name, self.weights, self.seed)).encode())
         if self.model_bytes is not None:
             digest.update(self.model_bytes)
+        if self.model_payload is not None:
+            digest.update(b"payload")  # never the same key as a file of the same bytes
+            digest.update(self.model_payload)
         if self.preprocess is not None:  # two runs of one model with different preprocessing are different plugins
             import cloudpickle
 
@@ -222,7 +252,7 @@ class KerasModelSpec:
 
     @property
     def weights_label(self) -> str:
-        if self.model_bytes is not None:
+        if self.model_bytes is not None or self.model_payload is not None:
             return "custom"
         if self.weights is None:
             return f"random(seed={self.seed})"
@@ -244,13 +274,11 @@ class KerasModelSpec:
     def build(self) -> Any:
         """Build the Keras model described by this spec (in the calling process)."""
         keras = _keras()
+        if self.model_payload is not None:
+            return _rebuild_user_model(self.model_payload, self.label)
         if self.model_bytes is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "model.keras")
-                with open(path, "wb") as fh:
-                    fh.write(self.model_bytes)
-                return keras.models.load_model(path, compile=False)
-        assert self.name is not None  # a spec holds a name or model bytes
+            return _load_model_file(self.model_bytes, self.model_file or self.label)
+        assert self.name is not None  # a spec holds a name, a user's model or a file's bytes
         _, constructor = _application(self.name)
         if self.weights is None:
             # Keras initialisers draw from the global seed: the same seed builds the same weights in every process.
@@ -298,10 +326,21 @@ def make_spec(
 ) -> KerasModelSpec:
     """Validate the user's model arguments and turn them into a :class:`KerasModelSpec`.
 
-    ``model`` is a keras.applications name (see :data:`APPLICATIONS`) or a ``keras.Model``; a ``keras.Model`` needs
-    ``preprocess``, a function from a float32 batch of RGB pixels in 0..255 (B, H, W, 3) to the model's input.
+    ``model`` is a keras.applications name (see :data:`APPLICATIONS`), a ``keras.Model`` (the user's own object: it
+    runs on the workers as it is, ``Lambda`` layers and custom classes included) or the path of a ``.keras`` file
+    (loaded in Keras' safe mode); the last two need ``preprocess``, a function from a float32 batch of RGB pixels in
+    0..255 (B, H, W, 3) to the model's input. See :class:`KerasModelSpec` for what is trusted and why.
     """
     seed = check_int("seed", seed, 0)
+    if is_model_file(model):
+        path = os.path.abspath(os.fspath(model))
+        _check_preprocess(preprocess, f"model={os.fspath(model)!r} (a model file)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"model file {path!r} does not exist (model= takes a keras.applications name, a "
+                                    "keras.Model or the path of a saved .keras model)")
+        data = Path(path).read_bytes()
+        return KerasModelSpec(name=None, weights=None, seed=seed, model_bytes=data, preprocess=preprocess,
+                              label=f"custom:{_model_file_name(data, path)}", model_file=path)
     if isinstance(model, str):
         name = _check_name(model.lower())
         if preprocess is not None:
@@ -316,16 +355,205 @@ def make_spec(
         return KerasModelSpec(name=name, weights=path, seed=seed)
     keras = _keras() if _is_keras_object(model) else None
     if keras is not None and isinstance(model, keras.Model):
-        if preprocess is None or not callable(preprocess):
-            raise ParameterValueError("a keras.Model needs preprocess=<function mapping RGB 0..255 float batches to "
-                                      "its input>")
-        with tempfile.TemporaryDirectory() as tmp:
-            file = os.path.join(tmp, "model.keras")
-            model.save(file)
-            model_bytes = Path(file).read_bytes()
-        return KerasModelSpec(name=None, weights=None, seed=seed, model_bytes=model_bytes, preprocess=preprocess,
-                              label=f"custom:{model.name}")
+        _check_preprocess(preprocess, "a keras.Model")
+        return KerasModelSpec(name=None, weights=None, seed=seed, model_payload=user_model_payload(model),
+                              preprocess=preprocess, label=f"custom:{model.name}")
     raise ParameterTypeError(f"model must be {FRAMEWORK.accepts}, got {type(model).__name__}")
+
+
+def _check_preprocess(preprocess: Any, what: str) -> None:
+    if preprocess is None or not callable(preprocess):
+        raise ParameterValueError(f"{what} needs preprocess=<function mapping RGB 0..255 float batches to its input>")
+
+
+def _model_file_name(data: bytes, path: str) -> str:
+    """The model's name in a ``.keras`` file (its ``config.json``, read as JSON: nothing is deserialized), so that the
+    provenance names it as it names the same model passed as an object; the file name when it has none."""
+    import io
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            name = json.loads(archive.read("config.json"))["config"]["name"]
+    except (zipfile.BadZipFile, KeyError, TypeError, ValueError) as err:
+        raise ParameterValueError(f"model={path!r} is not a Keras model file saved by model.save('....keras') "
+                                  f"({type(err).__name__}: {err})") from None
+    return str(name) if name else os.path.basename(path)
+
+
+def _load_model_file(data: bytes, path: str) -> Any:
+    """Load the bytes of the ``.keras`` file at ``path`` in Keras' safe mode (which refuses the Python code a
+    ``Lambda`` layer holds): the file may come from anywhere."""
+    keras = _keras()
+    with tempfile.TemporaryDirectory() as tmp:
+        file = os.path.join(tmp, "model.keras")
+        with open(file, "wb") as fh:
+            fh.write(data)
+        try:
+            return keras.models.load_model(file, compile=False, safe_mode=True)
+        except Exception as err:
+            if not any("safe_mode" in str(e) for e in _chain(err)):
+                raise ParameterValueError(f"model={path!r}: Keras could not load this model file "
+                                          f"({type(err).__name__}: {err})") from err
+            raise ParameterValueError(
+                f"model={path!r} holds Python code (a Lambda layer), which Keras' safe mode refuses to load from a "
+                f"file: code in a file from elsewhere runs with your rights. If you trust the file, load it yourself, "
+                f"model = keras.saving.load_model({path!r}, safe_mode=False), and pass that object (model=model): "
+                f"your own model object runs on every worker, Lambda layers included.") from err
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from or during (Keras wraps the safe-mode refusal of a layer)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+# Packages whose classes and functions Keras deserializes by name itself; everything else in a config is the user's.
+_KERAS_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
+# The names under which a user model's functions are handed back to Keras (the custom_objects of the rebuild).
+_USER_FUNCTION = "cnndiff_xr>user_function_{}"
+
+
+def _users(module: Any) -> bool:
+    """Whether a config's ``module`` entry names a user's module (not Keras', not Python's builtins)."""
+    return isinstance(module, str) and module != "builtins" and module.split(".")[0] not in _KERAS_PACKAGES
+
+
+def _entry_key(entry: Any) -> str:
+    return json.dumps(entry, sort_keys=True, default=str)
+
+
+def user_model_payload(model: Any) -> bytes:
+    """The user's own ``keras.Model``, as bytes that rebuild it in any process (:func:`_rebuild_user_model`): its
+    Keras config, its weights, and the Python objects the config names, pickled with cloudpickle.
+
+    Keras' own file format cannot carry these to another process: it writes a ``Lambda``'s function as bare bytecode
+    that is reloaded without the function's globals (``lambda x: keras.ops.relu(x)`` fails to load, even with safe
+    mode off), and finds custom classes and functions by name only among registered or Keras' own objects. So every
+    object the config names outside Keras -- the classes of the model's custom layers, every function a layer holds
+    (a ``Lambda``'s function, mask and output shape; a custom activation) -- travels as itself: cloudpickle sends a
+    class or function of the main script or of a function body by value, and one of an importable module by
+    reference (then that module must be importable on the workers, as for any Dask task). In the config, each such
+    function's entry becomes a reference to it by a private name, and the rebuild hands Keras these objects as its
+    ``custom_objects``. Nothing is written to disk.
+    """
+    import cloudpickle
+
+    keras = _keras()
+    layers = model._flatten_layers(include_self=True, recursive=True) if hasattr(model, "_flatten_layers") else [
+        model, *model.layers]
+    functions_by_entry: dict[str, Any] = {}  # a lambda's config entry (as JSON) -> the lambda
+    functions_by_name: dict[str, Any] = {}  # a named function's name -> the function
+    classes: dict[str, list[type]] = {}  # the name Keras looks a class up by -> the classes of that name
+
+    def note(fn: Any, entry: Any = None) -> None:
+        if fn.__name__ != "<lambda>":
+            for name in {fn.__name__, keras.saving.get_registered_name(fn)}:
+                functions_by_name.setdefault(name, fn)
+            return
+        if entry is None:
+            with warnings.catch_warnings():  # Keras warns that a lambda is unsafe to write to a file: none is written
+                warnings.simplefilter("ignore")
+                entry = keras.saving.serialize_keras_object(fn)
+        functions_by_entry.setdefault(_entry_key(entry), fn)
+
+    def note_class(cls: type) -> None:
+        if _users(cls.__module__):
+            same_name = classes.setdefault(keras.saving.get_registered_name(cls), [])
+            if cls not in same_name:
+                same_name.append(cls)
+
+    for layer in layers:
+        note_class(type(layer))
+        own = {}
+        if isinstance(layer, keras.layers.Lambda):  # its functions as the Lambda writes them in its config
+            config = layer.get_config()
+            own = {"function": layer.function, "mask": layer.mask,
+                   "output_shape": getattr(layer, "_output_shape", None)}
+            for field, fn in own.items():
+                if isinstance(fn, types.FunctionType) and isinstance(config.get(field), dict):
+                    note(fn, config[field])
+        for value in vars(layer).values():
+            if isinstance(value, types.FunctionType) and _users(value.__module__) and not any(
+                    value is fn for fn in own.values()):
+                note(value)
+            elif hasattr(value, "get_config") and not isinstance(value, type):  # a custom initializer, regularizer...
+                note_class(type(value))
+
+    custom_objects: dict[str, Any] = {}
+    names: dict[int, str] = {}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        class_name = node.get("class_name")
+        fn = None
+        if class_name == "__lambda__":
+            fn = functions_by_entry.get(_entry_key(node))
+        elif class_name == "function" and isinstance(node.get("config"), str) and (
+                node.get("module") in (None, "builtins") or _users(node.get("module"))):  # not a Keras function
+            fn = functions_by_name.get(node["config"])
+            if fn is None and _users(node.get("module")):  # registered with Keras, not held by a layer
+                fn = keras.saving.get_registered_object(node["config"])
+        if fn is not None:
+            name = names.setdefault(id(fn), _USER_FUNCTION.format(len(names)))
+            custom_objects[name] = fn
+            return {"module": None, "class_name": "function", "config": name, "registered_name": name}
+        if isinstance(class_name, str) and (node.get("module") is None or _users(node.get("module"))):
+            key = node.get("registered_name") or class_name
+            same_name = classes.get(key, [])
+            if len(same_name) > 1:
+                raise ParameterValueError(
+                    f"model {model.name!r} uses {len(same_name)} custom classes named {key!r} (in "
+                    f"{', '.join(c.__module__ for c in same_name)}): Keras tells classes apart by name; rename one or "
+                    f"register it with keras.saving.register_keras_serializable(package=...)")
+            cls = same_name[0] if same_name else keras.saving.get_registered_object(key)
+            if cls is not None:
+                custom_objects[key] = cls
+        return {k: rewrite(v) for k, v in node.items()}
+
+    try:
+        config = rewrite(keras.saving.serialize_keras_object(model))
+        return cloudpickle.dumps({"config": config, "weights": model.get_weights(), "custom_objects": custom_objects})
+    except ParameterValueError:  # rewrite's own message
+        raise
+    except Exception as err:
+        raise ParameterValueError(
+            f"model {model.name!r} cannot be described for the Dask workers ({type(err).__name__}: {err}). Every "
+            f"custom layer needs a get_config() returning its __init__ arguments (Keras' rule for models that are "
+            f"saved or cloned), and what its layers hold must be picklable by cloudpickle.") from err
+
+
+def _rebuild_user_model(payload: bytes, label: str) -> Any:
+    """The model of :func:`user_model_payload`, rebuilt in this process: the config deserialized with the payload's
+    objects as ``custom_objects`` and safe mode off (see :class:`KerasModelSpec` for why that is safe: the payload is
+    the user's own object from their own process), then the weights set."""
+    import cloudpickle
+
+    keras = _keras()
+    try:
+        parts = cloudpickle.loads(payload)
+    except Exception as err:  # e.g. ModuleNotFoundError on a worker that lacks the module of a custom class
+        raise ParameterValueError(
+            f"model {label!r}: its custom classes and functions could not be unpickled in this process "
+            f"({type(err).__name__}: {err}). Those of an importable module travel by reference: that module must be "
+            f"importable on every worker (install it there, or call cloudpickle.register_pickle_by_value(module) "
+            f"before extract to send it by value).") from err
+    try:
+        model = keras.saving.deserialize_keras_object(parts["config"], custom_objects=parts["custom_objects"],
+                                                      safe_mode=False)
+        model.set_weights(parts["weights"])
+    except Exception as err:
+        raise ParameterValueError(
+            f"model {label!r} could not be rebuilt from its Keras config ({type(err).__name__}: {err}). Every custom "
+            f"layer needs a get_config() returning its __init__ arguments (Keras' rule for models that are saved or "
+            f"cloned).") from err
+    return model
 
 
 def _layer_kind(layer: Any) -> str:
