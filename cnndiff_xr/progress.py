@@ -63,36 +63,38 @@ def compute(*collections: Any, client: Client | None = None, progress: bool = Fa
 
 
 def _without_trees(collections: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], tuple[Any, ...]]]:
-    """The collections with every DataTree replaced by its nodes' datasets, and the function that puts computed
-    results back together. A DataTree is not a dask collection: ``client.compute`` hands it back uncomputed, and it
-    would be computed later, wherever it is first used (after the cluster has closed, on the local threads)."""
+    """The collections flattened to a list of leaves, every DataTree (at any depth of dicts, lists and tuples, as in
+    ``cnndiff plot``'s figure inputs) replaced by its nodes' datasets, and the function that puts computed results
+    back together. A DataTree is not a dask collection: ``client.compute`` hands it back uncomputed, and it would be
+    computed later, wherever it is first used (after the cluster has closed, on the local threads)."""
     import xarray as xr
 
-    flat: list[Any] = []
-    parts: list[tuple[str, ...] | None] = []  # per collection: the node paths of a tree, None for anything else
-    for obj in collections:
+    leaves: list[Any] = []
+
+    def flatten(obj: Any) -> Callable[[Sequence[Any]], Any]:
         if isinstance(obj, xr.DataTree):
             nodes = list(obj.subtree)
-            paths = tuple(node.path for node in nodes)
-            flat.extend(node.to_dataset(inherit=False) for node in nodes)
-            parts.append(paths)
-        else:
-            flat.append(obj)
-            parts.append(None)
+            paths, first = [node.path for node in nodes], len(leaves)
+            leaves.extend(node.to_dataset(inherit=False) for node in nodes)
+            return lambda results: xr.DataTree.from_dict(
+                dict(zip(paths, results[first:first + len(paths)], strict=True)), name=obj.name)
+        if isinstance(obj, dict):
+            parts = {key: flatten(value) for key, value in obj.items()}
+            return lambda results: {key: part(results) for key, part in parts.items()}
+        if isinstance(obj, list | tuple):
+            items = [flatten(value) for value in obj]
+            kind = type(obj)
+            return lambda results: kind(item(results) for item in items)
+        index = len(leaves)
+        leaves.append(obj)
+        return lambda results: results[index]
+
+    rebuilders = [flatten(obj) for obj in collections]
 
     def rebuild(results: Sequence[Any]) -> tuple[Any, ...]:
-        out, i = [], 0
-        for obj, paths in zip(collections, parts, strict=True):
-            if paths is None:
-                out.append(results[i])
-                i += 1
-            else:
-                out.append(xr.DataTree.from_dict(dict(zip(paths, results[i:i + len(paths)], strict=True)),
-                                                 name=obj.name))
-                i += len(paths)
-        return tuple(out)
+        return tuple(part(results) for part in rebuilders)
 
-    return flat, rebuild
+    return leaves, rebuild
 
 
 def _distributed_bar(futures: list[Any], client: Client) -> None:

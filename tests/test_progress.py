@@ -50,3 +50,19 @@ def test_a_datatree_without_a_client():
     assert isinstance(result["block1/v"].variable._data, np.ndarray)
     np.testing.assert_array_equal(result["block1/v"].values, np.zeros(6))  # in this process
     np.testing.assert_array_equal(result["block1/filter_means/w"].values, np.arange(3))
+
+
+def test_a_datatree_inside_a_dict_is_computed_on_the_cluster(local_client):
+    """``cnndiff plot``'s figure inputs are a dict holding a DataTree (the filter means), arrays and plain objects:
+    the tree inside was handed back lazy and every heatmap then recomputed its layer on the local threads."""
+    other = da.arange(4, chunks=2).map_blocks(_one_on_a_worker, dtype=float)
+    inputs = {"filter_means": _tree(), "rdms": {"a": other}, "pair": (other, "label"), "sample": "kept as it is"}
+    (result,) = compute(inputs, client=local_client)
+    assert set(result) == set(inputs) and result["sample"] == "kept as it is"
+    fm = result["filter_means"]
+    assert isinstance(fm, xr.DataTree) and fm.name == "fm"
+    v = fm["block1/v"].variable._data
+    assert isinstance(v, np.ndarray) and np.array_equal(v, np.ones(6))  # computed, on a worker
+    np.testing.assert_array_equal(result["rdms"]["a"], np.ones(4))
+    assert isinstance(result["pair"], tuple) and result["pair"][1] == "label"
+    np.testing.assert_array_equal(result["pair"][0], np.ones(4))
