@@ -22,6 +22,7 @@ from .analysis.similarity import layer_similarity
 from .analysis.spectral import spectral_differentiation, spectral_states
 from .analysis.summaries import filter_means, layer_means
 from .extraction import images, store
+from .extraction.checksums import verify_store
 from .extraction.run import extract
 from .extraction.store import open_activations, select
 from .sampling import UnitDraws
@@ -48,4 +49,5 @@ __all__ = [
     "spectral_states",
     "stimulus_regression",
     "store",
+    "verify_store",
 ]

@@ -126,7 +126,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             dtype=args.dtype, client=args.scheduler, batch_size=args.batch_size, resize=args.resize, seed=args.seed,
             on_error=args.on_error, compression=args.compression, compression_level=args.level,
             n_workers=args.workers, progress=not args.quiet, return_report=True, break_lock=args.break_lock,
-            units=units, filter_means=args.filter_means,
+            units=units, filter_means=args.filter_means, force=args.force, repair=args.repair,
         )
     except UnknownLayerError as err:  # known only once the model is built, but a bad argument all the same
         raise UsageError(_unknown_layers_message(err, args.model)) from None
@@ -194,6 +194,13 @@ def _interruption_note(args: argparse.Namespace) -> str:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .extraction import store
 
+    if args.verify:  # first: a damaged completion record would stop the summary below
+        from .extraction.checksums import format_damage, verify_store
+
+        damaged = verify_store(args.store, client=args.scheduler)
+        print(format_damage(args.store, damaged))
+        if damaged:
+            return EXIT_FAILED
     summary = store.info(args.store)
     if args.json:
         print(json.dumps(summary, default=str, indent=2))
@@ -507,7 +514,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     from . import plot
     from .extraction import store
-    from .outputs import OutputExistsError, place_files, staging_folder, taken
+    from .outputs import OutputExistsError, OutputFolderError, check_inside, place_files, staging_folder, taken
 
     layers = _names(args.layers)
     draw: Callable[[Path], list[Path]]
@@ -518,7 +525,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                                               max_images_per_set=args.max_images_per_set)
         _note_reduced_store_figures(tree, inputs, args.rdm_units)
         fm_layers = [] if inputs["filter_means"] is None else list(inputs["filter_means"].children)
-        expected = [f"filter_means/{name}.png" for name in fm_layers]
+        expected = [plot.filter_mean_file(name) for name in fm_layers]
 
         def draw(staging: Path) -> list[Path]:
             (computed,) = compute(inputs, progress=wanted(quiet=args.quiet))
@@ -546,7 +553,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
             def draw(staging: Path) -> list[Path]:
                 return plot.write_similarity_figure(similarity, staging, note=plot.figure_note(result.attrs))
         elif fm is not None:
-            expected = [f"filter_means/{name}.png" for name in (layers or fm.children)]
+            expected = [plot.filter_mean_file(name) for name in (layers or fm.children)]
 
             def draw(staging: Path) -> list[Path]:
                 return _draw_filter_means(fm, staging, layers, args.max_images_per_set)
@@ -572,10 +579,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} already holds {', '.join(map(str, clashes[:5]))}"
                          f"{' ...' if len(clashes) > 5 else ''} (from an earlier 'cnndiff plot'?); pass --overwrite "
                          "to replace the figures this command draws, or choose another --out")
+    try:  # and when one would land outside --out (a folder of it that links elsewhere)
+        for name in expected:
+            check_inside(Path(args.out) / name, args.out, label=name, renamed_onto=True)
+    except OutputFolderError as err:
+        raise UsageError(f"--out {args.out!r}: {err}") from None
     with staging_folder(args.out) as staging:
         try:
             written = place_files(draw(staging), staging, args.out, overwrite=args.overwrite)
-        except OutputExistsError as err:
+        except (OutputExistsError, OutputFolderError) as err:
             raise UsageError(f"--out {args.out!r}: {err}") from None
     for path in written:
         print(path)
@@ -717,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(ext)
     ext.add_argument("--break-lock", action="store_true", help="remove the store's writer lock even if its holder "
                      "may be alive (only when that run is known to be dead)")
+    ext.add_argument("--force", action="store_true", help="start even when the store's disk looks clearly too small "
+                     "for the images (the space preflight); a run that fills the disk stops and resumes on a rerun")
+    ext.add_argument("--repair", action="store_true", help="verify every chunk of the existing store first and "
+                     "re-extract the batches holding damaged ones (see 'cnndiff info --verify')")
     ext.add_argument("--quiet", action="store_true", help="no size preflight or progress bar")
     ext.set_defaults(func=_cmd_extract)
 
@@ -724,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "uncompressed, compression ratio, completion and provenance of a store.")
     inf.add_argument("store", help="store path or fsspec URL")
     inf.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inf.add_argument("--verify", action="store_true", help="read every chunk of every array and list the damaged "
+                     "ones (checksum mismatch, file cut short, missing); exit status 1 if any")
+    inf.add_argument("--scheduler", default=None, metavar="ADDRESS", help="with --verify: read the chunks on this "
+                     "Dask scheduler's workers (default: threads here)")
     inf.set_defaults(func=_cmd_info)
 
     dif = sub.add_parser("differentiation", help="differentiation per layer and set",

@@ -11,11 +11,17 @@ Two tools, for the two ways the package writes into a folder the user names:
 - :func:`place_files`, for a job that adds files to a folder the user shares with other work (``cnndiff plot``):
   the files are drawn in a staging folder, then moved into place only if none of their names is taken (or the
   caller said to overwrite), so a refusal leaves the folder as it was.
+
+And two for names that come from the data (a store or result file is a folder anyone can send): :func:`safe_name`
+turns a layer, set or image name into a file-name component, and :func:`check_inside` refuses a path that would
+resolve outside the output folder. Every figure writer (``plot.save`` with its ``folder``) and :func:`place_files`
+check every path they create.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,7 +34,8 @@ from typing import Any
 
 from .extraction.lock import pid_alive
 
-__all__ = ["FolderManifest", "OutputExistsError", "OutputFolderError", "place_files", "staging_folder", "taken"]
+__all__ = ["FolderManifest", "OutputExistsError", "OutputFolderError", "check_inside", "place_files", "safe_name",
+           "staging_folder", "taken"]
 
 #: How many offending paths a refusal names before it says "and N more".
 MAX_LISTED = 8
@@ -275,9 +282,14 @@ def place_files(staged: Sequence[Path], staging: Path, target: str | Path, *, ov
     ------
     OutputExistsError
         Some names are taken; nothing was moved. The message names them and ``option``.
+    OutputFolderError
+        A name would land outside ``target`` (:func:`check_inside`: a folder of ``target`` that is a link to
+        elsewhere); nothing was moved.
     """
     target = Path(target)
     relative = [Path(p).relative_to(staging) for p in staged]
+    for rel in relative:  # a folder of the target that is a link to elsewhere would carry the file out of it
+        check_inside(target / rel, target, label=rel.as_posix(), renamed_onto=True)
     clashes = taken(target, relative)
     blocking = [p for p in clashes if (p.is_dir() and not p.is_symlink()) or not os.path.lexists(p)]
     if blocking:
@@ -293,3 +305,67 @@ def place_files(staged: Sequence[Path], staging: Path, target: str | Path, *, ov
         os.replace(source, destination)
         placed.append(destination)
     return placed
+
+
+# ------------------------------------------------------------------------------------------ names from the data
+# A store or a result file is a folder anyone can send: its layer, set and image names are data, and a name that
+# becomes part of a file name must never steer the file out of the output folder, hide it (a leading dot), clash with
+# another label's file, or smuggle control characters into a listing.
+
+#: A label kept as it is in a file name: ASCII letters, digits and ``_ . + -``, not starting with a dot or a dash, at
+#: most 80 characters. Keras' layer names (``block1_conv1``, ``Conv1_relu``) and the package's own set names
+#: (``white_noise``) are of this kind.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,79}")
+
+#: Names Windows reserves for devices (with any extension): a figure named ``CON.png`` cannot be written there.
+_RESERVED_NAMES = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)),
+                             *(f"LPT{i}" for i in range(1, 10))})
+
+#: How much of an escaped label's text its file name keeps (the digest that follows keeps labels apart).
+ESCAPED_NAME_CHARS = 48
+
+
+def safe_name(label: object) -> str:
+    """``label`` (a layer, set or image name read from a store or a result) as one file-name component.
+
+    A plain label (:data:`_PLAIN_NAME`, no ``..``, no trailing dot, not a Windows device name) is returned unchanged,
+    so that ordinary names give the file names they always gave. Any other label -- holding a path separator, ``..``,
+    a control character, a leading dot, non-ASCII text, or too long -- becomes its first
+    :data:`ESCAPED_NAME_CHARS` letters, digits, ``_``, ``+`` and ``-`` (other characters as ``_``) followed by ``~``
+    and 12 hex digits of the label's blake2b digest. Plain names never contain ``~``, so distinct labels give distinct
+    names (up to a 48-bit digest collision between escaped ones).
+    """
+    text = str(label)
+    if _PLAIN_NAME.fullmatch(text) and ".." not in text and not text.endswith(".") \
+            and text.split(".", 1)[0].upper() not in _RESERVED_NAMES:
+        return text
+    readable = "".join(ch if ch.isalnum() or ch in "_+-" else "_" for ch in text[:ESCAPED_NAME_CHARS])
+    if readable.startswith("-"):  # a file name that reads as an option to the shell's commands
+        readable = "_" + readable[1:]
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+    return f"{readable}~{digest}"
+
+
+def check_inside(path: str | Path, folder: str | Path, *, label: object = None, renamed_onto: bool = False) -> Path:
+    """``path``, refused unless it resolves (symbolic links followed, ``..`` collapsed) to a place strictly inside
+    ``folder``: the last check before a writer creates a file whose name was made from data.
+
+    ``renamed_onto``: the file is created by renaming onto ``path`` (:func:`place_files`), which replaces a link
+    standing there rather than writing through it, so only its folders are resolved.
+
+    Raises
+    ------
+    OutputFolderError
+        ``path`` would land outside ``folder``; the message names the label it was made from (``label``) and the
+        remedy.
+    """
+    path, folder = Path(path), Path(folder)
+    real_folder = folder.resolve()
+    real = path.parent.resolve() / path.name if renamed_onto and path.name not in ("", ".", "..") else path.resolve()
+    if real != real_folder and real.is_relative_to(real_folder):
+        return path
+    made_from = f" (its name was made from {label!r}, a name read from the data)" if label is not None else ""
+    raise OutputFolderError(
+        f"refusing to write {path}{made_from}: it resolves to {real}, outside the output folder {folder}. A name in "
+        "the data may not lead outside the output folder, nor may a symbolic link inside the folder; remove the link, "
+        "or choose another output folder.")

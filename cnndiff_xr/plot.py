@@ -21,7 +21,9 @@ Conventions every figure keeps, so that figures can be read side by side:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ import xarray as xr
 from . import schema
 from .analysis.metrics import DISTANCES
 from .analysis.results import normalise_by_reference, resample_summary
+from .outputs import OutputFolderError, check_inside, safe_name
 from .sampling import UnitDraws
 from .validation import check_count
 
@@ -761,19 +764,76 @@ def similarity_matrix(sim: xr.DataArray, ax: Axes | None = None, *, title: str |
 
 
 def save(fig: Figure | SubFigure, path_stem: str | Path, formats: Sequence[str] = ("png", "svg"),
-         dpi: int = 110) -> list[Path]:
-    """Write ``fig`` as ``<path_stem>.png`` and ``.svg`` (or the given formats) and close it."""
+         dpi: int = 110, *, folder: str | Path | None = None, label: object = None) -> list[Path]:
+    """Write ``fig`` as ``<path_stem>.png`` and ``.svg`` (or the given formats) and close it.
+
+    The format is appended (a stem ``filter_means/block1.conv`` gives ``block1.conv.png``). ``folder``: the output
+    folder, which every file must resolve inside (:func:`~cnndiff_xr.outputs.check_inside`; ``label``: the data's
+    name the stem was made from, for the message). Every text of the figure is made plain first
+    (:func:`plain_text`): labels from the data can neither break the SVG nor make matplotlib fail."""
     root = fig.get_figure(root=True)  # a Figure is its own root; a SubFigure is saved with its whole figure
     assert root is not None
     stem = Path(path_stem)
+    paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
+    if folder is not None:
+        for path in paths:
+            check_inside(path, folder, label=label)
+    _plain_texts(root)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
+    for path in paths:
         root.savefig(path, dpi=dpi)
-        paths.append(path)
     _pyplot().close(root)
     return paths
+
+
+#: the longest line of a figure's text; longer lines (a label from the data can be any length) end in "…"
+MAX_TEXT_LINE = 300
+
+
+def plain_text(text: str) -> str:
+    """``text`` as matplotlib draws it literally: control and format characters (other than the newline) escaped as
+    ``\\xNN``/``\\uNNNN`` (an SVG cannot hold most of them, and bidirectional overrides would disguise a name),
+    every ``$`` escaped (a label from the data must not start mathtext, whose parser raises on what it cannot read),
+    each line cut at :data:`MAX_TEXT_LINE` characters. Idempotent: an escaped text stays as it is."""
+    escaped = "".join(
+        ch if ch == "\n" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs")
+        else f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
+        else f"\\U{ord(ch):08x}"
+        for ch in text)
+    escaped = re.sub(r"(?<!\\)\$", r"\\$", escaped)
+    return "\n".join(line if len(line) <= MAX_TEXT_LINE else line[:MAX_TEXT_LINE - 1] + "…"
+                     for line in escaped.split("\n"))
+
+
+def _plain_texts(fig: Figure) -> None:
+    """Every text of ``fig`` through :func:`plain_text`: titles, axis labels, legends, annotations and tick labels.
+    Tick labels given as strings live in the axis' formatter (a ``FuncFormatter`` since matplotlib 3.9, a
+    ``FixedFormatter`` before), which sets them again when the figure is drawn: it is wrapped too. Numeric formatters
+    are left alone (their mathtext is matplotlib's own)."""
+    from matplotlib.text import Text
+    from matplotlib.ticker import FixedFormatter, FuncFormatter
+
+    for artist in fig.findobj(Text):
+        text = artist.get_text()
+        if text:
+            artist.set_text(plain_text(text))
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for formatter in (axis.get_major_formatter(), axis.get_minor_formatter()):
+                if isinstance(formatter, FixedFormatter):
+                    formatter.seq = [plain_text(str(item)) for item in formatter.seq]
+                elif isinstance(formatter, FuncFormatter):
+                    formatter.func = _PlainLabels(formatter.func)
+
+
+@dataclass(frozen=True)
+class _PlainLabels:
+    """A ``FuncFormatter``'s function whose labels go through :func:`plain_text`."""
+
+    func: Callable[..., Any]
+
+    def __call__(self, x: Any, pos: Any = None) -> str:
+        return plain_text(str(self.func(x, pos)))
 
 
 def figure_note(attrs: Mapping[Any, Any]) -> str | None:
@@ -959,6 +1019,32 @@ def store_figure_inputs(tree: xr.DataTree, *, layers: Sequence[str] | None = Non
     }
 
 
+def filter_mean_file(layer: object) -> str:
+    """The file of a layer's filter-mean heatmap, relative to the output folder: ``filter_means/<layer>.png``, the
+    layer's name made safe (:func:`~cnndiff_xr.outputs.safe_name`: a name from the data never leads elsewhere)."""
+    return f"filter_means/{safe_name(layer)}.{HEATMAP_FORMATS[0]}"
+
+
+def reference_figure_name(reference: object) -> str:
+    """The stem of the figure normalised by set ``reference``: ``differentiation_by_<reference>``, the set's name
+    made safe (:func:`~cnndiff_xr.outputs.safe_name`)."""
+    return f"differentiation_by_{safe_name(reference)}"
+
+
+def distinct_file_names(labels: Iterable[Any], *, what: str) -> dict[Any, str]:
+    """``{label: safe_name(label)}``, refusing two labels that would share a file (a digest collision between
+    escaped names: practically never, but a figure must never silently replace another)."""
+    names: dict[Any, str] = {}
+    seen: dict[str, Any] = {}
+    for label in labels:
+        name = safe_name(label)
+        if name in seen and seen[name] != label:
+            raise OutputFolderError(f"the {what}s {seen[name]!r} and {label!r} would both be written as {name!r}; "
+                                    f"rename one of them in the data, or draw them separately (--layers)")
+        names[label], seen[name] = name, label
+    return names
+
+
 def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Path, *, note: str | None = None,
                         colours: Mapping[str, str] | None = None) -> list[Path]:
     """Filter-mean heatmaps (``filter_means/<layer>``), the prediction heatmap (``predictions``, when the store's last
@@ -988,8 +1074,8 @@ def write_store_figures(tree: xr.DataTree, inputs: dict[str, Any], out: str | Pa
         predictions = predictions if predictions.dims == (schema.IMAGE_DIM, schema.FILTER_DIM) else None
     if predictions is not None:
         written += save(prediction_heatmap(predictions, note=note, layer=last, colours=palette)[0],
-                        out / "predictions")
-    written += save(rdm_panels(rdms, note=note, colours=palette)[0], out / "rdms")
+                        out / "predictions", folder=out)
+    written += save(rdm_panels(rdms, note=note, colours=palette)[0], out / "rdms", folder=out)
     return written
 
 
@@ -1005,6 +1091,7 @@ def write_filter_mean_figures(fm: xr.DataTree, out: str | Path, *, layers: Seque
     (``sample_seed``; the same images in every layer, whose image coordinates are the same), selected before the
     values are read, and the title says so. Returns the paths written."""
     out = Path(out)
+    names = distinct_file_names(layers, what="layer")
     written: list[Path] = []
     for layer in layers:
         node = fm[layer].dataset
@@ -1015,7 +1102,7 @@ def write_filter_mean_figures(fm: xr.DataTree, out: str | Path, *, layers: Seque
         fig, _ = filter_mean_heatmap(node["filter_mean"], note=_with_note(note, sample.note()), layer=layer,
                                      unit_name=unit_names.get(layer), zscore=bool(node.attrs.get("zscore")),
                                      colours=colours)
-        written += save(fig, out / "filter_means" / layer, formats=HEATMAP_FORMATS)
+        written += save(fig, out / "filter_means" / names[layer], formats=HEATMAP_FORMATS, folder=out, label=layer)
     return written
 
 
@@ -1035,12 +1122,13 @@ def write_result_figures(d: xr.DataArray, out: str | Path, *, reference: str | N
     out = Path(out)
     palette = _colours_for(d["set"].values, colours)
     written = save(differentiation_by_layer(d, note=note, colours=palette, bootstrap=bootstrap)[0],
-                   out / "differentiation")
+                   out / "differentiation", folder=out)
     if reference:
         written += save(normalised_differentiation(d, reference, note=note, colours=palette)[0],
-                        out / f"differentiation_by_{reference}")
+                        out / reference_figure_name(reference), folder=out, label=reference)
     if d.sizes["set"] >= 3 and schema.INPUT_LAYER in d["layer"].values:
-        written += save(r2_by_depth(cx.stimulus_regression(d), note=note)[0], out / "stimulus_vs_layer_r2")
+        written += save(r2_by_depth(cx.stimulus_regression(d), note=note)[0], out / "stimulus_vs_layer_r2",
+                        folder=out)
     return written
 
 
@@ -1049,9 +1137,9 @@ def write_comparison_figure(c: xr.Dataset, out: str | Path, *, note: str | None 
     ``bootstrap`` variable when ``cnndiff compare --bootstrap`` made one) as ``comparison`` under ``out``."""
     boot = c["bootstrap"] if "bootstrap" in c else None
     return save(set_comparison(c.drop_vars("bootstrap", errors="ignore"), bootstrap=boot, note=note)[0],
-                Path(out) / "comparison")
+                Path(out) / "comparison", folder=out)
 
 
 def write_similarity_figure(s: xr.DataArray, out: str | Path, *, note: str | None = None) -> list[Path]:
     """A layer similarity matrix (:func:`cnndiff_xr.layer_similarity`) as ``similarity`` under ``out``."""
-    return save(similarity_matrix(s, note=note)[0], Path(out) / "similarity")
+    return save(similarity_matrix(s, note=note)[0], Path(out) / "similarity", folder=out)

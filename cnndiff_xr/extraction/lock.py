@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..validation import ParameterTypeError, ParameterValueError, check_bool
-from .store import StoreError, _filesystem, _forget_cached, _protocols, check_storage_options, check_url
+from .store import StoreError, _filesystem, _forget_cached, _protocols, check_storage_options, check_url, reaching
 
 __all__ = ["LOCK_HEARTBEAT_S", "LOCK_STALE_S", "StoreLock", "StoreLockedError", "break_lock", "lock_url", "read_lock"]
 
@@ -187,14 +187,15 @@ class StoreLock:
             # the lock name (link fails if the name exists), as Zarr's LocalStore does for its exclusive writes.
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             tmp = f"{path}.{record['token']}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
             try:
+                with open(tmp, "wb") as fh:  # may fail (a full disk): the finally removes what it left
+                    fh.write(data)
                 os.link(tmp, path)
             except FileExistsError:
                 return False
             finally:
-                os.unlink(tmp)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             return True
         try:
             # "xb": exclusive create. s3fs sends If-None-Match: * with the PUT, so S3 itself refuses a second creator.
@@ -213,9 +214,15 @@ class StoreLock:
         data = json.dumps(record).encode()
         if "file" in _protocols(fs):
             tmp = f"{path}.{record['token']}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)  # atomic: readers see the old or the new record
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)  # atomic: readers see the old or the new record
+            except BaseException:
+                # a full disk fails the write: the old record stays, and no temporary file is left next to the store
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
         else:
             with fs.open(path, "wb") as fh:  # one PUT on object stores: atomic too
                 fh.write(data)
@@ -232,6 +239,12 @@ class StoreLock:
             held = read_lock(self.url, storage_options=self.storage_options)
             if held is None:
                 continue  # released between our attempt and the read: try again
+            if held.get("token") == record["token"]:
+                # Ours: the create reached the object store but its response was lost, and the client's retry of the
+                # exclusive PUT was refused (412) by the object the first attempt made
+                self.token, self.record = record["token"], record
+                self._start_heartbeat()
+                return self
             reason = "break_lock=True was given" if self.break_lock else _stale_reason(held, self.stale_after)
             if reason is None:
                 raise StoreLockedError(
@@ -284,7 +297,8 @@ class StoreLock:
                 warnings.warn(f"could not refresh the lock of store {self.url!r}: {err}", stacklevel=1)
 
     def __enter__(self) -> StoreLock:
-        return self.acquire()
+        with reaching(self.url, f"taking its writer lock {self.lock_url!r}"):
+            return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()

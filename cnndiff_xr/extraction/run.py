@@ -38,9 +38,21 @@ Faults, and why the store stays right:
 - **A float16 store's values overflow** (finite in the model, 65520 or more in magnitude): the batch task finds it
   before writing anything of its batch (:class:`Float16OverflowError`, naming the layer and the images), and the run
   stops there; the batches already written stay complete, the overflowing one is not marked complete.
+- **The disk fills** (ENOSPC, or EDQUOT for a quota): the write that fails raises in the batch task before its
+  completion flags (the block's last write), as :class:`DiskFullError`; the client stops the run at the first one
+  (the rest released) and says the free space now and the bytes still needed. A chunk cut short leaves nothing
+  behind: Zarr's local store writes a temporary file and renames it, and deletes the temporary file when the write
+  fails, so the batch's earlier chunks are whole and the batch is merely incomplete; a rerun after freeing space
+  writes it again. The lock's heartbeat, which rewrites ``<store>.lock`` next to the store, fails too: it warns and
+  leaves the lock as it was (no temporary file), and the lock is released as for any error. Before starting, a local
+  store whose disk is clearly too small is refused (:class:`NotEnoughSpaceError`, ``force=True`` overrides).
 - **The store is replaced while orphans run** (deleted and recreated at the same URL): each store gets a random
   ``store_id`` at creation; a task checks it just before writing data and again before writing completion, and drops
   its results if it changed, so an orphan never writes into, or marks complete, a different store.
+- **A chunk is damaged after it was written** (a flipped byte, a file cut short, a file lost): new stores carry a
+  crc32c per chunk, so reading it fails naming the chunk (never wrong numbers); ``repair=True`` verifies every chunk
+  on the cluster, marks the batches holding damaged ones incomplete, and the resume rewrites them whole
+  (:mod:`cnndiff_xr.extraction.checksums`).
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ from ..schema import (
     IMAGE_DIM,
     LAYER_CSS,
     LAYER_MEAN,
+    LAYERS_ATTR,
     PREDICTED_CLASS,
     PREDICTED_LABEL,
     PREDICTED_PROBABILITY,
@@ -85,11 +98,12 @@ from . import images
 from . import store as _store
 from .cluster import ModelPlugin, WeightsMismatchError, get_client, refuse_in_starting_child, worker_model
 from .config import ExtractionConfig, identity
+from .diskspace import activation_bytes, disk_full_cause, free_bytes, local_folder, preflight_need
 from .lock import StoreLock
 from .reduction import Reduction
 
-__all__ = ["BatchTask", "ExtractionError", "ExtractionReport", "Float16OverflowError", "SchedulerLostError",
-           "extract", "size_report"]
+__all__ = ["BatchTask", "DiskFullError", "ExtractionError", "ExtractionReport", "Float16OverflowError",
+           "NotEnoughSpaceError", "SchedulerLostError", "extract", "size_report"]
 
 
 class ExtractionError(RuntimeError):
@@ -149,6 +163,84 @@ class Float16OverflowError(ExtractionError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # travels from a worker to the client by pickle: keep the fields
         return type(self), (self.store, self.layer, self.images, self.largest, self.other_layers)
+
+
+def _or_unknown(n: int | None, why: str) -> str:
+    return _store.format_bytes(n) if n is not None else f"unknown ({why})"
+
+
+class DiskFullError(ExtractionError):
+    """The store's disk (or the user's quota) filled up during the run: a write failed with ENOSPC or EDQUOT.
+
+    The batch task raises it without writing its completion flags (a batch cut short stays incomplete and a rerun
+    writes it again whole); :func:`extract` stops the run at the first one and raises it again with the free space
+    now and the bytes still needed. The batches recorded complete stay; free space and rerun the same extraction:
+    it resumes.
+
+    Attributes
+    ----------
+    store
+        The store being extracted.
+    detail
+        What failed (the write and the operating system's message).
+    free
+        Free bytes now on the store's filesystem (None: unknown, e.g. an fsspec URL).
+    needed
+        Estimated bytes the images not yet complete still need (None: not estimated, e.g. in the worker).
+    remaining
+        How many images are not complete.
+    basis
+        How ``needed`` was estimated.
+    """
+
+    def __init__(self, store: str, detail: str, free: int | None = None, needed: int | None = None,
+                 remaining: int | None = None, basis: str = "") -> None:
+        self.store, self.detail, self.free, self.needed = store, detail, free, needed
+        self.remaining, self.basis = remaining, basis
+        need = "" if remaining is None else (
+            f"; still needed: about {_or_unknown(needed, 'nothing to estimate it from')} for the {remaining} images "
+            f"not yet complete ({basis})")
+        super().__init__(
+            f"the disk holding store {store!r} is full: {detail}. Free space now: "
+            f"{_or_unknown(free, 'not a local store')}{need}. The run stopped; the batches recorded complete are "
+            f"whole and stay (a batch cut short is not recorded complete). Free at least that much space (or quota) "
+            f"and rerun the same extraction: it computes only the missing batches.")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # travels from a worker to the client by pickle: keep the fields
+        return type(self), (self.store, self.detail, self.free, self.needed, self.remaining, self.basis)
+
+
+class NotEnoughSpaceError(DiskFullError):
+    """Refused before anything is written: the store's filesystem has clearly less free space than the images still
+    to extract need, even compressed :data:`~cnndiff_xr.extraction.diskspace.PREFLIGHT_RATIO` times (see there for
+    why). ``force=True`` (``cnndiff extract --force``) starts anyway."""
+
+    def __init__(self, store: str, free: int, needed: int, uncompressed: int, remaining: int, folder: str) -> None:
+        self.store, self.free, self.needed, self.remaining = store, free, needed, remaining
+        self.uncompressed, self.folder = uncompressed, folder
+        self.detail, self.basis = "refused before writing", ""
+        fmt = _store.format_bytes
+        ExtractionError.__init__(
+            self, f"not enough free space for store {store!r}: only {fmt(free)} is free on {folder!r}, and its "
+            f"{remaining} images still to extract are {fmt(uncompressed)} uncompressed, so even compressed well they "
+            f"need at least {fmt(needed)}. Nothing was written. Free space or choose a store on a larger disk; "
+            f"force=True (cnndiff extract --force) starts anyway (a run that fills the disk stops with "
+            f"DiskFullError and resumes once space is freed).")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.store, self.free, self.needed, self.uncompressed, self.remaining, self.folder)
+
+
+@contextlib.contextmanager
+def _disk_full_reported(store: str, start: int, stop: int) -> Iterator[None]:
+    """In the batch task: a write that fails for a full disk becomes :class:`DiskFullError` (other errors pass)."""
+    try:
+        yield
+    except Exception as err:
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        raise DiskFullError(store, f"writing images {start}..{stop - 1} failed: {cause}") from err
 
 
 @dataclasses.dataclass
@@ -296,7 +388,8 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef],
     stop = start + len(refs)
     # write_empty_chunks: a chunk is a batch of whole images and never all fill value, so skip Zarr's check for it
     # (a full scan that cost more than writing the uncompressed bytes; benchmarks/RESULTS.md)
-    with zarr.config.set({"array.write_empty_chunks": True}):
+    # a full disk: DiskFullError, before the completion flags (the last write of the block) are written
+    with _disk_full_reported(task.store, start, stop), zarr.config.set({"array.write_empty_chunks": True}):
         for name, values in activations.items():
             group[activation_path(name)][start:stop] = values.astype(task.dtype, copy=False)  # whole chunks, atomic
         for name, means in output.means.items():
@@ -364,6 +457,55 @@ def _register_plugin(client: Client, plugin: ModelPlugin) -> None:
             if attempt == PLUGIN_ATTEMPTS or _scheduler_lost(client, err):
                 raise
             logger.warning("a worker was lost while the model was set up (%s); registering it again", err)
+
+
+def _disk_full_now(task: BatchTask, error: DiskFullError, n_images: int, image_nbytes: int) -> DiskFullError:
+    """The client's :class:`DiskFullError`: the worker's, with the free space now and the bytes still needed (the
+    images not complete x the average compressed bytes per complete image, or their uncompressed size when none is
+    complete; the activations only: the other arrays are a few bytes per image)."""
+    url, options = task.store, task.storage_options
+    try:
+        done = int(_store.completed(url, storage_options=options).sum())
+        layers = list(_store.read_attrs(url, storage_options=options).get(LAYERS_ATTR) or [])
+    except Exception:  # an unreadable store must not hide the full disk
+        done, layers = 0, []
+    remaining = n_images - done
+    stored = activation_bytes(url, layers, options) if done and layers else None
+    if stored is not None and done:
+        per_image = stored / done
+        basis = (f"{_store.format_bytes(per_image)} per image, the average compressed size of the {done} complete "
+                 f"images")
+    else:
+        per_image = float(image_nbytes)
+        basis = "their uncompressed size: no image is complete to measure the compression"
+    needed = int(remaining * per_image) if per_image else None
+    return DiskFullError(url, error.detail, free_bytes(url, options), needed, remaining, basis)
+
+
+def _remove_half_made_layout(url: str, options: Mapping[str, Any] | None) -> None:
+    """Remove a layout that this run began and a full disk cut short: its root attributes are written first, so it
+    would pass a rerun's checks as a store and then fail every batch (arrays missing from its metadata). Only this
+    run's own writes: the store did not exist before (``create_store`` refuses an existing one, under the lock)."""
+    fs, path = _store._filesystem(url, options)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
+def _refuse_when_disk_too_small(url: str, options: Mapping[str, Any] | None, *, remaining: int, image_nbytes: int,
+                                compression: str, force: bool, say: Callable[[str], None]) -> None:
+    """The space preflight (a local store only): :class:`NotEnoughSpaceError` when the free space is below
+    :func:`~cnndiff_xr.extraction.diskspace.preflight_need` of the ``remaining`` images' uncompressed bytes, unless
+    ``force`` (then a note)."""
+    free, folder = free_bytes(url, options), local_folder(url, options)
+    uncompressed = remaining * image_nbytes
+    needed = preflight_need(uncompressed, compression)
+    if free is None or folder is None or free >= needed:
+        return
+    if force:
+        say(f"only {_store.format_bytes(free)} free for {_store.format_bytes(uncompressed)} uncompressed: going on "
+            f"(force=True); the run stops with DiskFullError if the disk fills")
+        return
+    raise NotEnoughSpaceError(url, free, needed, uncompressed, remaining, os.path.dirname(folder))
 
 
 def size_report(shapes: Mapping[str, Sequence[int]], n_images: int, dtype: Dtype,
@@ -484,6 +626,8 @@ def extract(
     break_lock: bool = False,
     units: UnitDraws | Literal["all"] = "all",
     filter_means: bool = False,
+    force: bool = False,
+    repair: bool = False,
 ) -> xr.DataTree: ...
 
 
@@ -512,6 +656,8 @@ def extract(
     break_lock: bool = False,
     units: UnitDraws | Literal["all"] = "all",
     filter_means: bool = False,
+    force: bool = False,
+    repair: bool = False,
 ) -> tuple[xr.DataTree, ExtractionReport]: ...
 
 
@@ -539,6 +685,8 @@ def extract(
     break_lock: bool = False,
     units: UnitDraws | Literal["all"] = "all",
     filter_means: bool = False,
+    force: bool = False,
+    repair: bool = False,
 ) -> xr.DataTree | tuple[xr.DataTree, ExtractionReport]:
     """Run a CNN over image sets and write every chosen layer's activations to a Zarr store, on Dask.
 
@@ -612,6 +760,17 @@ def extract(
         Remove the store's writer lock even if its holder may be alive. Only for a holder known to be dead on
         another host: a dead holder on this host, or one silent for ``lock.LOCK_STALE_S`` seconds, is removed
         anyway. See :class:`cnndiff_xr.extraction.lock.StoreLock`.
+    force
+        Start even when the space preflight finds the store's disk clearly too small (a local store with less free
+        space than the images still to extract need compressed
+        :data:`~cnndiff_xr.extraction.diskspace.PREFLIGHT_RATIO` times; without compression, uncompressed). A run
+        that then fills the disk stops with :class:`DiskFullError` and resumes once space is freed.
+    repair
+        First verify every chunk of an existing store, on the cluster
+        (:func:`cnndiff_xr.extraction.checksums.verify_store`), and mark the batches holding damaged chunks
+        incomplete, so that this run re-extracts exactly them from the images (the store then equals a clean one).
+        Damage that batches do not rewrite (the image table, dimension coordinates) is refused before anything is
+        written.
 
     Raises
     ------
@@ -629,6 +788,12 @@ def extract(
         stored as inf). Raised at the first batch that overflows, naming the layer and the images, before anything
         of that batch is written; the run stops and the batches already written stay. Extract into a new store with
         ``dtype="float32"``.
+    NotEnoughSpaceError
+        Before anything is written: the preflight found too little free space (both numbers in the message);
+        ``force=True`` overrides.
+    DiskFullError
+        The disk (or quota) filled during the run. The message names the store, the free space now and the bytes
+        still needed; the batches recorded complete are whole and stay, and a rerun after freeing space resumes.
     ExtractionError
         Some batches failed; the others are written, and rerunning finishes the rest.
     WeightsMismatchError
@@ -654,13 +819,26 @@ def extract(
     # whole set empty, which is refused now.
     table = images.image_table(sets, errors="collect")
     _refuse_sets_naming_nothing(table)
-    with StoreLock(config.store, storage_options=config.storage_options, break_lock=config.break_lock):
-        tree, report = _extract_locked(table, config)
+    force = check_bool("force", force, message=f"force must be True or False, got {force!r}")
+    repair = check_bool("repair", repair, message=f"repair must be True or False, got {repair!r}")
+    try:
+        with StoreLock(config.store, storage_options=config.storage_options, break_lock=config.break_lock):
+            tree, report = _extract_locked(table, config, force=force, repair=repair)
+    except DiskFullError:
+        raise
+    except Exception as err:  # the client's own writes (lock, layout, appended images, predictions) filled the disk
+        cause = disk_full_cause(err)
+        if cause is None:
+            raise
+        raise DiskFullError(config.store, f"writing the store's lock or metadata failed: {cause}",
+                            free_bytes(config.store, config.storage_options)) from err
     return (tree, report) if return_report else tree
 
 
-def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple[xr.DataTree, ExtractionReport]:
-    """The body of :func:`extract`, run while holding the store's writer lock."""
+def _extract_locked(table: images.ImageTable, config: ExtractionConfig,
+                    force: bool = False, repair: bool = False) -> tuple[xr.DataTree, ExtractionReport]:
+    """The body of :func:`extract`, run while holding the store's writer lock (``force``: skip the space
+    preflight's refusal)."""
     url, options = config.store, config.storage_options
     if _store.exists(url, storage_options=options):
         _store.read_attrs(url, storage_options=options)  # a path that holds something else is refused before any work
@@ -675,6 +853,7 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
     del model  # the client does not keep a copy of the weights
     say: Callable[[str], None] = (lambda msg: print(msg, file=sys.stderr)) if config.progress else (lambda msg: None)
     say(size_report(shapes, len(table), config.dtype, config.reduction))
+    image_nbytes = sum(_store.kept_nbytes(shapes, 1, config.dtype, config.reduction).values())
 
     # in-memory fsspec stores live in one process: use threads there
     with get_client(config.client, n_workers=config.n_workers, processes=not config.in_memory) as client, \
@@ -687,6 +866,9 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
                                            storage_options=options)
             batch_size = int(existing["batch_size"])
             store_id = existing.get(STORE_ID_ATTR)
+            _refuse_when_disk_too_small(  # before growing it; the images not complete (and any appended) remain
+                url, options, remaining=len(table) - int(_store.completed(url, storage_options=options).sum()),
+                image_nbytes=image_nbytes, compression=str(existing.get("compression")), force=force, say=say)
             if kept is not None:  # new sets after the stored images (or an interrupted append): grow the store
                 store_id = _store.append_images(url, table, kept, skipped=skipped, storage_options=options)
                 if len(table) > kept:
@@ -694,11 +876,21 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
                         f"{', '.join(dict.fromkeys(table.sets[kept:]))} after the store's {kept} images")
         else:
             batch_size = config.batch_size
+            _refuse_when_disk_too_small(url, options, remaining=len(table), image_nbytes=image_nbytes,
+                                        compression=config.compression, force=force, say=say)
             store_id = attrs[STORE_ID_ATTR] = uuid.uuid4().hex  # identifies this store, not its settings
             tree, encoding = _store.build_layout(table, shapes, attrs=attrs, dtype=config.dtype, batch_size=batch_size,
                                                  compressor=config.codec(), with_predictions=with_predictions,
                                                  filter_labels=filter_labels, reduction=config.reduction)
-            _store.create_store(tree, encoding, url, storage_options=options)
+            try:
+                _store.create_store(tree, encoding, url, storage_options=options)
+            except Exception as err:
+                if disk_full_cause(err) is not None:
+                    _remove_half_made_layout(url, options)
+                raise
+            repair = False  # a new store: nothing to repair
+        if repair:  # batches holding damaged chunks marked incomplete: the resume below re-extracts exactly them
+            _mark_damaged(client, url, options, say)
         # the model is built on every worker while registering
         # with the digest the store records: each worker checks that it built the same weights
         plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction,
@@ -706,7 +898,7 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
         task = BatchTask(store=url, storage_options=options, store_id=store_id, plugin=plugin.name,
                          resize=config.resize, dtype=config.dtype, with_predictions=with_predictions)
         report = _run_batches(client, task, plugin, table, batch_size=batch_size, progress=config.progress,
-                              skipped=skipped)
+                              skipped=skipped, image_nbytes=image_nbytes)
     if with_predictions:
         _finalise_predictions(url, layers, labels, options)
     say(f"extracted {report.images_computed} images in {report.seconds:.1f} s "
@@ -715,9 +907,22 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig) -> tuple
     return _store.open_activations(url, storage_options=options), report
 
 
+def _mark_damaged(client: Client, url: str, storage_options: Mapping[str, Any] | None,
+                  say: Callable[[str], None]) -> None:
+    """``repair=True``: verify every chunk on the cluster and mark the batches holding damaged ones incomplete."""
+    from .checksums import mark_for_repair, verify_store
+
+    damaged = verify_store(url, client=client, storage_options=storage_options)
+    starts = mark_for_repair(url, damaged, storage_options=storage_options)
+    say(f"repair: {len(damaged)} damaged chunk(s) in {len(starts)} batch(es)"
+        + (f" (first images {', '.join(map(str, starts[:10]))}); re-extracting them" if starts else ""))
+
+
 def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: images.ImageTable, *, batch_size: int,
-                 progress: bool, skipped: list[dict[str, str]]) -> ExtractionReport:
-    """Submit one task per batch not yet complete, wait for all, and report (or raise naming the first failure)."""
+                 progress: bool, skipped: list[dict[str, str]], image_nbytes: int = 0) -> ExtractionReport:
+    """Submit one task per batch not yet complete, wait for all, and report (or raise naming the first failure).
+
+    ``image_nbytes``: one image's uncompressed bytes in the store, for a full disk's estimate of what is needed."""
     from distributed import as_completed
     from tqdm.std import tqdm  # a text bar: tqdm.auto warns "IProgress not found" in notebooks without ipywidgets
 
@@ -740,6 +945,7 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
     }
     failures = []
     overflow: Float16OverflowError | None = None
+    disk_full: DiskFullError | None = None
     n_computed = 0
     with tqdm(total=sum(len(table.refs[s:s + batch_size]) for s in missing), unit="img", disable=not progress,
               desc="extract", file=sys.stderr) as bar:
@@ -752,6 +958,10 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
                     # every later batch of these images overflows too (or is written in a dtype the user must now
                     # change): stop at once rather than compute the rest
                     overflow = error
+                    completed.clear()
+                    break
+                if isinstance(error, DiskFullError):  # every later batch needs space too: stop, saying how much
+                    disk_full = error
                     completed.clear()
                     break
                 failures.append((futures[future], error))
@@ -769,6 +979,11 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
         # traceback is this call's and not the worker's
         raise Float16OverflowError(overflow.store, overflow.layer, overflow.images, overflow.largest,
                                    overflow.other_layers) from None
+    if disk_full is not None:
+        for future in futures:  # as for overflow: the batches not started are dropped
+            future.release()
+        futures.clear()
+        raise _disk_full_now(task, disk_full, len(table), image_nbytes) from None
     if failures:
         first_start, first_error = min(failures, key=lambda f: f[0])
         # Release (not cancel) our futures: with deterministic keys, a retry in this session whose traceback still
@@ -783,7 +998,7 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
         raise ExtractionError(
             f"{len(failures)} of {len(missing)} batches failed (first: images {first_start}.."
             f"{first_start + batch_size - 1}: {type(first_error).__name__}: {first_error}). The other batches are "
-            f"written; rerun the same extraction to finish the missing ones."
+            f"written in {task.store!r}; rerun the same extraction to finish the missing ones."
         ) from first_error
     return ExtractionReport(store=task.store, n_images=len(table), n_batches=len(starts),
                             batches_already_complete=len(starts) - len(missing), batches_computed=len(missing),

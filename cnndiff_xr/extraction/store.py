@@ -6,7 +6,10 @@ the ``tree.cnndiff`` accessor). Every array is chunked along ``image`` only, wit
 each Dask task writes whole chunks of every layer and no lock is needed *between tasks* (two *runs* are kept apart by
 :class:`cnndiff_xr.extraction.lock.StoreLock`). The store holds no pickled objects: attributes are JSON, strings are
 Zarr's variable-length UTF-8 type; :func:`read_attrs` (hence :func:`open_activations` and :func:`info`) refuses a
-store whose metadata names a pickle codec, so nothing executable is read back.
+store whose metadata names a pickle codec or a codec zarr does not know, so nothing executable is read back; and
+:func:`open_activations` and :func:`info` refuse metadata that claims what no store holds (absurd or inconsistent
+shapes and chunks, layers that are not there) before anything is allocated (:class:`UnsafeStoreError`: a store is a
+folder anyone can send).
 
 Safety rules:
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -79,6 +83,8 @@ __all__ = [
     "COMPRESSION_LEVELS",
     "CnndiffAccessor",
     "StoreError",
+    "StoreUnreachableError",
+    "UnsafeStoreError",
     "append_images",
     "build_layout",
     "check_compatible",
@@ -108,6 +114,47 @@ __all__ = [
 
 class StoreError(ValueError):
     """A path that is not a cnndiff store, or a store that does not fit the requested run."""
+
+
+class UnsafeStoreError(StoreError):
+    """A store that says it is a cnndiff store (or a Zarr group) but that is refused before anything is read from it:
+    it holds pickled objects or codecs zarr does not know, or its metadata claims what no cnndiff store holds. The
+    message names the array and the claim."""
+
+
+class StoreUnreachableError(OSError):
+    """The store's filesystem kept failing (an object store down, throttling or dropping connections beyond the
+    retries of s3fs and botocore, a network gone): the message names the store, what was being done and the last
+    error. An ``OSError``, as the error it wraps; a rerun of an extraction resumes from what was written."""
+
+
+#: OSErrors that say something about the path, not about reaching the store: they keep their own meaning
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith(("file://", "local://"))
+
+
+@contextlib.contextmanager
+def reaching(url: str, doing: str) -> Iterator[None]:
+    """Turn an ``OSError`` that the filesystem of a remote ``url`` raised after its own retries into one
+    :class:`StoreUnreachableError` naming the store and ``doing`` (a local path's errors pass unchanged: they name
+    their file already). Wrapped where a store is opened or written, not around every read."""
+    try:
+        yield
+    except StoreUnreachableError:
+        raise
+    except OSError as err:
+        if isinstance(err, _PATH_ERRORS) or not _is_remote(url):
+            raise
+        raise StoreUnreachableError(
+            f"could not reach store {url!r} while {doing}: {type(err).__name__}: {err}. Its filesystem still failed "
+            "after s3fs's and botocore's retries (for S3: 5 botocore attempts within each of 5 s3fs tries, for "
+            "throttling, 5xx responses and dropped connections). Check the endpoint, the network and the "
+            "credentials, or raise the retries in storage_options (e.g. {'retries': 10, 'config_kwargs': "
+            "{'retries': {'max_attempts': 10, 'mode': 'standard'}}}), and rerun: an extraction resumes from the "
+            "batches already written.") from err
 
 
 def check_url(url: Any, name: str = "store") -> str:
@@ -356,13 +403,18 @@ def build_layout(
         if reduction.means_for(name, shape):
             groups[f"/{means_path(name)}"], encoding[f"/{means_path(name)}"] = _means_layout(n, shape, batch_size,
                                                                                               compressors)
-    return xr.DataTree.from_dict(groups), encoding
+    layout = xr.DataTree.from_dict(groups)
+    from .checksums import add_checksums, checksums_enabled  # it imports this module
+
+    if checksums_enabled():  # a crc32c per chunk of every array, after compression (extraction/checksums.py)
+        add_checksums(layout, encoding)
+    return layout, encoding
 
 
 def create_store(tree: xr.DataTree, encoding: Mapping[str, Any], url: str, *,
                  storage_options: Mapping[str, Any] | None = None) -> None:
     """Write the layout (metadata and coordinates; no activations) to ``url``."""
-    with _quiet_zarr():
+    with _quiet_zarr(), reaching(url, "writing its layout"):
         tree.to_zarr(url, mode="w-", compute=False, encoding=encoding, consolidated=True,
                      storage_options=dict(storage_options or {}) or None)
 
@@ -374,7 +426,7 @@ def open_group(url: str, mode: OpenMode = "r", *, storage_options: Mapping[str, 
     url = check_url(url)
     storage_options = check_storage_options(storage_options)
     check_choice("mode", mode, OPEN_MODES, message=f"mode={mode!r}; choose one of {OPEN_MODES}")
-    with _quiet_zarr():
+    with _quiet_zarr(), reaching(url, f"opening it (mode {mode!r})"):
         return zarr.open_group(url, mode=mode, storage_options=dict(storage_options or {}) or None)
 
 
@@ -383,7 +435,8 @@ def exists(url: str, *, storage_options: Mapping[str, Any] | None = None) -> boo
     url, storage_options = check_url(url), check_storage_options(storage_options)
     fs, path = _filesystem(url, storage_options)
     _forget_cached(fs, path)
-    return bool(fs.exists(path) and (not fs.isdir(path) or bool(fs.ls(path))))
+    with reaching(url, "checking whether it exists"):
+        return bool(fs.exists(path) and (not fs.isdir(path) or bool(fs.ls(path))))
 
 
 # --------------------------------------------------------------------------------------------------- the reader
@@ -420,21 +473,203 @@ def unsafe_codecs(metadata: Mapping[str, Any]) -> list[str]:
     return [n for n in names if any(w in n.lower() for w in _UNSAFE_CODEC_WORDS) or n.startswith("dtype ")]
 
 
-def _check_no_pickle(url: str, root_meta: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
-    """Refuse a store any of whose arrays would be decoded with pickle (reading it could run code)."""
-    nodes: dict[str, Any] = {}
+def _node_metadata(url: str, root_meta: Mapping[str, Any],
+                   storage_options: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    """Every node's metadata (path in the store -> its ``zarr.json`` as a dict): the root's consolidated metadata, or
+    else a walk of the hierarchy (reads each node's metadata document, never lists chunks)."""
     consolidated = root_meta.get("consolidated_metadata") or {}
     if isinstance(consolidated, Mapping) and isinstance(consolidated.get("metadata"), Mapping):
-        nodes.update(consolidated["metadata"])
-    else:  # not consolidated: walk the hierarchy (reads each node's metadata document, never lists chunks)
+        nodes = dict(consolidated["metadata"])
+    else:
         group = open_group(url, "r", storage_options=storage_options)
-        nodes.update({name: node.metadata.to_dict() for name, node in group.members(max_depth=None)})
-    bad = {name: unsafe for name, meta in nodes.items()
-           if isinstance(meta, Mapping) and (unsafe := unsafe_codecs(meta))}
+        try:
+            nodes = {name: node.metadata.to_dict() for name, node in group.members(max_depth=None)}
+        except Exception as err:  # zarr parses each node as it walks: say which store, and what zarr said
+            raise _unsafe(url, f"the metadata of one of its arrays cannot be read ({type(err).__name__}: {err})"
+                          ) from err
+    return {str(name): meta for name, meta in nodes.items() if isinstance(meta, Mapping)}
+
+
+def _check_no_pickle(url: str, nodes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse a store any of whose arrays would be decoded with pickle (reading it could run code)."""
+    bad = {name: unsafe for name, meta in nodes.items() if (unsafe := unsafe_codecs(meta))}
     if bad:
         listing = "; ".join(f"{name}: {', '.join(codecs)}" for name, codecs in sorted(bad.items()))
-        raise StoreError(f"store {url!r} holds arrays stored with pickled objects ({listing}); refusing to read it, "
-                         "since decoding pickles can run arbitrary code. cnndiff_xr never writes such arrays.")
+        raise UnsafeStoreError(f"store {url!r} holds arrays stored with pickled objects ({listing}); refusing to read "
+                               "it, since decoding pickles can run arbitrary code. cnndiff_xr never writes such "
+                               "arrays.")
+
+
+def _unknown_codecs(meta: Mapping[str, Any]) -> list[str]:
+    """The codec names of one node's Zarr v3 metadata that zarr has no codec for."""
+    from zarr.registry import get_codec_class
+
+    unknown = []
+    for name in _codec_identifiers(meta.get("codecs", [])):
+        try:
+            get_codec_class(name)
+        except KeyError:
+            unknown.append(name)
+    return unknown
+
+
+def _metadata_diagnosis(url: str, storage_options: Mapping[str, Any] | None) -> StoreError | None:
+    """Why zarr could not open the store's root group, when the cause is a codec or a shape (:func:`_array_claims`):
+    read from the raw root ``zarr.json`` (zarr refuses the whole group without naming the array). None when neither
+    explains it.
+
+    Only called after zarr failed, so a sound store pays nothing for it."""
+    fs, path = _filesystem(url, storage_options)
+    try:
+        document = json.loads(fs.cat_file(f"{path.rstrip('/')}/zarr.json"))
+        nodes = document["consolidated_metadata"]["metadata"]
+    except Exception:  # no readable root document, or not consolidated: nothing to name
+        return None
+    if not isinstance(nodes, Mapping):
+        return None
+    nodes = {str(name): meta for name, meta in nodes.items() if isinstance(meta, Mapping)}
+    # a group that does not say it is a cnndiff store is only named as what it is not (is_store: False)
+    attributes = document.get("attributes")
+    kind = UnsafeStoreError if isinstance(attributes, Mapping) and attributes.get(FORMAT_ATTR) == FORMAT else StoreError
+    try:
+        _check_no_pickle(url, nodes)
+    except UnsafeStoreError as err:
+        return kind(str(err))
+    for name, meta in nodes.items():  # a shape zarr refuses (negative, not integers): name the array
+        if meta.get("node_type", "array") == "array" and "shape" in meta:
+            try:
+                _array_claims(url, name, meta)
+            except UnsafeStoreError as err:
+                return kind(str(err))
+    unknown = {name: codecs for name, meta in nodes.items() if (codecs := _unknown_codecs(meta))}
+    if not unknown:
+        return None
+    listing = "; ".join(f"{name}: {', '.join(codecs)}" for name, codecs in sorted(unknown.items()))
+    return kind(f"store {url!r} holds arrays stored with codecs that zarr does not know ({listing}); refusing to "
+                "read it. cnndiff_xr writes only zarr's own codecs (blosc, zstd, bytes, vlen-utf8, crc32c); if the "
+                "store needs a codec package, install it, otherwise re-extract the store.")
+
+
+# ------------------------------------------------------------------------------------ what the metadata claims
+# A store is a folder anyone can send. Its metadata could claim 10**12 images, and opening it would then allocate
+# terabytes for the image coordinates (read into memory) before a single chunk is read; or a chunk larger than
+# memory; or more chunks than a dask graph can hold. Every claim is checked against these bounds, and against the
+# store's own consistency, before xarray or zarr allocates anything.
+
+#: The most images a store may claim: its image coordinates (ids, sets, sources, completion) are read into memory
+#: when it is opened. 33 million images is beyond any extraction (VGG16's first layer alone would be 900 TB).
+MAX_IMAGES = 2**25
+#: The most elements of one array.
+MAX_ARRAY_ELEMENTS = 2**40
+#: The most elements of one chunk (zarr decodes a chunk whole: a batch of 64 VGG16 images is 2**27.6).
+MAX_CHUNK_ELEMENTS = 2**32
+#: The most chunks of one array (each is a dask task).
+MAX_CHUNKS = 2**25
+#: The most elements of a one-dimensional array (the coordinates, read into memory when the store is opened).
+MAX_COORD_ELEMENTS = 2**25
+
+
+def _unsafe(url: str, what: str) -> UnsafeStoreError:
+    """The refusal of a store whose metadata claims ``what``, with the remedy."""
+    return UnsafeStoreError(f"store {url!r}: {what}; refusing to open it. Re-extract the store, or ask whoever sent "
+                            "it for a sound copy.")
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _array_claims(url: str, name: str, meta: Mapping[str, Any]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str | None, ...]]:
+    """An array's shape, chunk shape and dimension names (None where unnamed), from its Zarr v3 (or v2) metadata;
+    :class:`UnsafeStoreError` when they are not what Zarr allows or beyond the bounds."""
+    def refuse(claim: str) -> UnsafeStoreError:
+        return _unsafe(url, f"array {name!r} claims {claim}")
+
+    shape = meta.get("shape")
+    if meta.get("zarr_format") == 2:
+        chunks = meta.get("chunks")
+        dims = (meta.get("attributes") or {}).get("_ARRAY_DIMENSIONS")
+    else:
+        grid = meta.get("chunk_grid")
+        config = grid.get("configuration") if isinstance(grid, Mapping) and grid.get("name") == "regular" else None
+        chunks = config.get("chunk_shape") if isinstance(config, Mapping) else None
+        dims = meta.get("dimension_names")
+    if not isinstance(shape, (list, tuple)) or not all(_is_count(n, 0) for n in shape):
+        raise refuse(f"the shape {shape!r} (not a list of non-negative integers)")
+    if not isinstance(chunks, (list, tuple)) or len(chunks) != len(shape) or not all(_is_count(c, 1) for c in chunks):
+        raise refuse(f"the chunk shape {chunks!r} for its shape {list(shape)} (not a regular grid of positive "
+                     "integers, one per dimension)")
+    if dims is None:
+        dims = [None] * len(shape)
+    if not isinstance(dims, (list, tuple)) or len(dims) != len(shape) \
+            or not all(d is None or isinstance(d, str) for d in dims):
+        raise refuse(f"the dimension names {dims!r} for its shape {list(shape)}")
+    elements, chunk_elements, n_chunks = 1, 1, 1
+    for n, c in zip(shape, chunks, strict=True):
+        elements, chunk_elements, n_chunks = elements * n, chunk_elements * c, n_chunks * -(-n // c)
+    if elements > MAX_ARRAY_ELEMENTS:
+        raise refuse(f"the shape {list(shape)}, {elements:.3g} elements (at most 2**40 are accepted)")
+    if len(shape) == 1 and elements > MAX_COORD_ELEMENTS:
+        raise refuse(f"the shape {list(shape)} (a one-dimensional array is read into memory when the store is "
+                     f"opened; at most {MAX_COORD_ELEMENTS:,} elements are accepted)")
+    if chunk_elements > MAX_CHUNK_ELEMENTS:
+        raise refuse(f"the chunk shape {list(chunks)}, {chunk_elements:.3g} elements per chunk (at most 2**32 are "
+                     "accepted: a chunk is decoded whole)")
+    if n_chunks > MAX_CHUNKS:
+        raise refuse(f"{n_chunks:,} chunks (shape {list(shape)}, chunk shape {list(chunks)}; at most "
+                     f"{MAX_CHUNKS:,} are accepted)")
+    return tuple(shape), tuple(chunks), tuple(dims)
+
+
+def _bad_layer_name(name: Any) -> bool:
+    """A layer name that no model gives and no store of cnndiff_xr holds: not a string, empty, ``.``/``..``, or
+    holding a path separator or a control character (layers are groups directly under the root)."""
+    return not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name \
+        or any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in name)
+
+
+def _check_metadata(url: str, attrs: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse a store whose metadata claims what no store of cnndiff_xr holds, before anything is allocated: absurd
+    shapes, chunks or chunk counts (:data:`MAX_IMAGES` and the other bounds), arrays that disagree on a dimension's
+    length (the image table's length, or a layer's y, x, filter, unit within its group and the groups above), and
+    root attribute ``layers`` naming layers the store does not hold. Reads only the metadata already parsed."""
+    arrays = {name.strip("/"): _array_claims(url, name, meta) for name, meta in nodes.items()
+              if meta.get("node_type", "array") == "array" and "shape" in meta}
+    if IMAGE_DIM not in arrays:
+        raise _unsafe(url, f"it has no image table (array {IMAGE_DIM!r})")
+    n_images = arrays[IMAGE_DIM][0][0]
+    if n_images > MAX_IMAGES:
+        raise _unsafe(url, f"array {IMAGE_DIM!r} claims {n_images:,} images (at most {MAX_IMAGES:,} are accepted)")
+    # the first array to give each dimension its length, per group ("" is the root); a group sees its own
+    # dimensions and those of the groups above it, as xarray's DataTree aligns them
+    first: dict[tuple[str, str], tuple[int, str]] = {("", IMAGE_DIM): (n_images, IMAGE_DIM)}
+    for name, (shape, _, dims) in sorted(arrays.items(), key=lambda item: item[0].count("/")):
+        group = name.rsplit("/", 1)[0] if "/" in name else ""
+        above = [""] + ["/".join(group.split("/")[:k]) for k in range(1, group.count("/") + 2)] if group else [""]
+        for dim, size in zip(dims, shape, strict=True):
+            if dim is None:
+                continue
+            claimed = next((first[(g, dim)] for g in above if (g, dim) in first), None)
+            if claimed is None:
+                first[(group, dim)] = (size, name)
+            elif claimed[0] != size:
+                what = "the image table holds" if dim == IMAGE_DIM else f"array {claimed[1]!r} has"
+                raise _unsafe(url, f"array {name!r} claims {size:,} along {dim!r}, but {what} {claimed[0]:,} (a "
+                                   "store cnndiff_xr wrote is consistent)")
+    layers = attrs.get(LAYERS_ATTR)
+    if layers is None:
+        return
+    if not isinstance(layers, list):
+        raise _unsafe(url, f"root attribute {LAYERS_ATTR!r} is {layers!r}, not a list of layer names")
+    for layer in layers:
+        if _bad_layer_name(layer):
+            raise _unsafe(url, f"root attribute {LAYERS_ATTR!r} names the layer {layer!r}, a name no model gives a "
+                               "layer (empty, '.', '..', a path separator or a control character)")
+        path = activation_path(layer)
+        if path not in arrays or arrays[path][2][:1] != (IMAGE_DIM,):
+            raise _unsafe(url, f"root attribute {LAYERS_ATTR!r} names the layer {layer!r}, but the store holds no "
+                               f"array {path!r} along {IMAGE_DIM!r}")
 
 
 def read_store_id(url: str, *, storage_options: Mapping[str, Any] | None = None) -> str | None:
@@ -447,7 +682,8 @@ def read_store_id(url: str, *, storage_options: Mapping[str, Any] | None = None)
     key = f"{path.rstrip('/')}/zarr.json"
     _forget_cached(fs, key)
     try:
-        document = json.loads(fs.cat_file(key))
+        with reaching(url, "reading its store_id"):
+            document = json.loads(fs.cat_file(key))
     except FileNotFoundError:
         return None
     store_id = document.get("attributes", {}).get(STORE_ID_ATTR)
@@ -456,11 +692,22 @@ def read_store_id(url: str, *, storage_options: Mapping[str, Any] | None = None)
 
 def read_attrs(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The root attributes of a cnndiff store; :class:`StoreError` if ``url`` is not one, or if the store holds
-    pickled objects."""
+    pickled objects or arrays stored with codecs zarr does not know."""
+    return _read_store(url, storage_options)[0]
+
+
+def _read_store(url: str, storage_options: Mapping[str, Any] | None,
+                ) -> tuple[dict[str, Any], dict[str, Mapping[str, Any]]]:
+    """:func:`read_attrs`, and every node's metadata (:func:`_node_metadata`)."""
     url, storage_options = check_url(url), check_storage_options(storage_options)
     try:
         group = open_group(url, "r", storage_options=storage_options)
+    except StoreUnreachableError:  # the store may be sound: it could not be read
+        raise
     except Exception as err:  # zarr raises several types for "nothing here" / "not a group"
+        codec_error = _metadata_diagnosis(url, storage_options)
+        if codec_error is not None:
+            raise codec_error from err
         there = exists(url, storage_options=storage_options)
         what = "nothing is there" if not there else "no Zarr group could be opened there"
         raise StoreError(f"{url!r} is not a cnndiff_xr store ({what}: {type(err).__name__}: {err})") from err
@@ -468,8 +715,9 @@ def read_attrs(url: str, *, storage_options: Mapping[str, Any] | None = None) ->
     if attrs.get(FORMAT_ATTR) != FORMAT:
         raise StoreError(f"{url!r} is a Zarr group but not a cnndiff_xr store (root attribute {FORMAT_ATTR}="
                          f"{attrs.get(FORMAT_ATTR)!r}, expected {FORMAT!r})")
-    _check_no_pickle(url, group.metadata.to_dict(), storage_options)
-    return attrs
+    nodes = _node_metadata(url, group.metadata.to_dict(), storage_options)
+    _check_no_pickle(url, nodes)
+    return attrs, nodes
 
 
 def completed(url: str, *, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
@@ -694,8 +942,9 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
         ``url`` holds nothing, is not a Zarr group, is a Zarr group but not a cnndiff store, or holds pickled data.
     """
     url, storage_options = check_url(url), check_storage_options(storage_options)
-    attrs = read_attrs(url, storage_options=storage_options)
-    with _quiet_zarr():
+    attrs, nodes = _read_store(url, storage_options)
+    _check_metadata(url, attrs, nodes)  # before xarray reads the image coordinates into memory
+    with _quiet_zarr(), reaching(url, "opening it"):
         # The activations undecoded: a float16 store stays float16 here (half the bytes to read and move, and the
         # analysis' float16 paths), where plain xarray decodes it to float32 (schema.FLOAT16_DECODING)
         tree = xr.open_datatree(url, engine="zarr", chunks={}, consolidated=True, mode="r",
@@ -729,15 +978,26 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
             ds = ds.assign({ACTIVATION: _as_stored(ds[ACTIVATION].variable, url)})
         return ds
 
-    tree = tree.map_over_datasets(load_small)
+    with reaching(url, "reading its image coordinates and completion record"):
+        tree = tree.map_over_datasets(load_small)
+    from .checksums import checked_reads  # it imports this module
+
+    # every chunk read names the chunk, its layer and images when it fails (a damaged chunk: extraction/checksums.py)
+    tree = checked_reads(tree, url, storage_options)
     tree.attrs.update(attrs)
     return tree
 
 
 def is_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``url`` holds a cnndiff store (never raises for a missing or foreign path)."""
+    """Whether ``url`` holds a cnndiff store (never raises for a missing or foreign path).
+
+    A store refused as unsafe (:class:`UnsafeStoreError`: pickled objects, unknown codecs) counts as one, so that
+    the caller opens it as a store and is refused with the reason, never reads it some other way (``cnndiff plot``
+    would otherwise open it as a result file with plain xarray, which decodes whatever codecs zarr has)."""
     try:
         read_attrs(url, storage_options=storage_options)
+    except UnsafeStoreError:
+        return True
     except (StoreError, OSError, ValueError):
         return False
     return True
@@ -760,7 +1020,9 @@ def _disk_bytes(url: str, path_in_store: str, storage_options: Mapping[str, Any]
 
 def info(url: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Layers, shapes, dtype, sizes (on disk and uncompressed), compression ratio, completion, provenance."""
-    attrs = read_attrs(url, storage_options=storage_options)
+    url, storage_options = check_url(url), check_storage_options(storage_options)
+    attrs, nodes = _read_store(url, storage_options)
+    _check_metadata(url, attrs, nodes)  # before the completion record is read into memory
     group = open_group(url, "r", storage_options=storage_options)
     done = np.asarray(group[COMPLETED][:], dtype=bool)
     layers = []
