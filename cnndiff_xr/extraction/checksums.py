@@ -49,9 +49,9 @@ from ..schema import (
 )
 from . import store as _store
 
-__all__ = ["CHECKSUM_CONFIG", "DamagedChunk", "DamagedChunkError", "add_checksums", "checked_reads",
+__all__ = ["CHECKSUM_CONFIG", "CheckedRows", "DamagedChunk", "DamagedChunkError", "add_checksums", "checked_reads",
            "checksum_codec", "checksums_enabled", "format_damage", "has_checksums", "mark_for_repair",
-           "verify_store"]
+           "read_rows", "verify_store"]
 
 #: The dask config key that turns the checksums of new stores off (True by default)
 CHECKSUM_CONFIG = "cnndiff_xr.chunk-checksums"
@@ -244,6 +244,83 @@ class CheckedChunks:
                                     _image_ids(group, start, stop), _reason(err)) from err
 
 
+#: Arrays read many stored chunks per dask task: small per-image values (a few KiB per batch) that the figures and
+#: summaries read whole; one task per stored chunk made ``cnndiff plot`` of a 20,000-image store spend a minute in
+#: scheduling. The activations keep one task per stored chunk: the analysis' row blocks (and so its float32 Gram
+#: sums, bit for bit) follow their chunks.
+_READ_TOGETHER = frozenset({FILTER_MEAN, LAYER_MEAN, LAYER_CSS})
+#: Bytes a read task of several stored chunks (or of selected rows, :class:`CheckedRows`) aims at
+READ_TASK_BYTES = 32 * 2**20
+#: The reader behind each dask array :func:`checked_reads` made, by the array's dask name (this process only): what
+#: :func:`read_rows` needs to read a selection of images together
+_READERS: dict[str, CheckedChunks] = {}
+
+
+def _rows_per_task(row_bytes: int, multiple: int = 1) -> int:
+    """Rows per read task of about :data:`READ_TASK_BYTES`, a multiple of ``multiple`` (a stored chunk's rows)."""
+    return multiple * max(1, READ_TASK_BYTES // max(1, row_bytes * multiple))
+
+
+def _grouped_chunks(shape: Sequence[int], stored: Sequence[int], itemsize: int) -> tuple[tuple[int, ...], ...]:
+    """Dask chunks of whole stored chunks along the first axis, about :data:`READ_TASK_BYTES` each."""
+    rows = _rows_per_task(int(np.prod(shape[1:], dtype=np.int64)) * itemsize, int(stored[0]))
+    n = int(shape[0])
+    first = tuple(min(rows, n - lo) for lo in range(0, n, rows)) or (0,)
+    return (first, *((int(s),) for s in shape[1:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedRows:
+    """Some rows (images, by position) of a :class:`CheckedChunks` array, for dask: each task reads its rows at once
+    (zarr fetches the stored chunks they touch concurrently, in one call) instead of one task per stored chunk and
+    a selection on top. Read errors name the chunk as :class:`CheckedChunks` does."""
+
+    source: CheckedChunks
+    positions: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions), *self.source.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self.source.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.source.ndim
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        rows = self.positions[index[0]]
+        if rows.size == 0:
+            empty = np.empty((0, *self.source.shape[1:]), dtype=self.source.dtype)
+            return empty[(slice(None),) + tuple(index[1:])]
+        return self.source[(rows,) + tuple(index[1:])]
+
+
+def read_rows(var: xr.DataArray, positions: np.ndarray) -> xr.DataArray | None:
+    """``var.isel(image=positions)`` read through its :class:`CheckedChunks` reader, the selected rows of several
+    stored chunks per task (:class:`CheckedRows`), or None when ``var`` is not an array :func:`checked_reads` made in
+    this process (the caller selects as usual). Same values; other dask chunks (the selection's rows, about
+    :data:`READ_TASK_BYTES` per task)."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    data = var.data
+    reader = _READERS.get(getattr(data, "name", "")) if isinstance(data, da.Array) else None
+    if reader is None or tuple(data.shape) != reader.shape:
+        return None
+    positions = np.asarray(positions, dtype=np.int64)
+    rows = CheckedRows(reader, positions)
+    per_task = _rows_per_task(int(np.prod(reader.shape[1:], dtype=np.int64)) * reader.dtype.itemsize)
+    chunks = (tuple(min(per_task, len(positions) - lo) for lo in range(0, len(positions), per_task)) or (0,),
+              *((int(s),) for s in reader.shape[1:]))
+    out = da.from_array(rows, chunks=chunks, name=f"{data.name}-rows-{tokenize(positions)}", lock=False,
+                        asarray=False, meta=np.empty((0,) * var.ndim, dtype=var.dtype))
+    return var.isel({var.dims[0]: positions}).copy(data=out)
+
+
 def checked_reads(tree: xr.DataTree, url: str, storage_options: Mapping[str, Any] | None) -> xr.DataTree:
     """``tree`` (as :func:`~cnndiff_xr.extraction.store.open_activations` opened it) with every data variable
     along ``image`` that is still a dask array read through :class:`CheckedChunks`.
@@ -266,8 +343,13 @@ def checked_reads(tree: xr.DataTree, url: str, storage_options: Mapping[str, Any
                 continue
             reader = CheckedChunks(url, storage_options, store_id, path, tuple(int(s) for s in array.shape),
                                    tuple(int(c) for c in array.chunks), var.dtype)
-            data = da.from_array(reader, chunks=var.data.chunks, name=f"{var.data.name}-checked", lock=False,
+            chunks = (_grouped_chunks(reader.shape, reader.chunks, var.dtype.itemsize) if name in _READ_TOGETHER
+                      else var.data.chunks)
+            data = da.from_array(reader, chunks=chunks, name=f"{var.data.name}-checked", lock=False,
                                  asarray=False, meta=np.empty((0,) * var.ndim, dtype=var.dtype))
+            if len(_READERS) > 4096:  # a long session opening many stores
+                _READERS.clear()
+            _READERS[data.name] = reader
             replaced[name] = var.copy(data=data)
         if replaced:
             node.dataset = ds.assign(replaced)

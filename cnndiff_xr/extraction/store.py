@@ -27,7 +27,7 @@ import os
 import unicodedata
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -951,13 +951,24 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
                                 mask_and_scale={ACTIVATION: False}, storage_options=storage_options or None)
     image_coords = (*IMAGE_COORDS, *PREDICTION_COORDS, LABEL_COORD, SHA256_COORD)
 
-    def load(var: xr.DataArray) -> xr.DataArray:
+    group = None  # opened on first use
+
+    def load(var: xr.DataArray, path: str) -> xr.DataArray:
+        # Read here, in this process, not with whatever scheduler is active: these are a few small arrays, and a
+        # distributed Client may run on machines that cannot see this store (memory://, a laptop's disk).
+        nonlocal group
+        if _undecoded(var):
+            # one zarr call per array: zarr fetches its chunks (one per batch) concurrently, where dask's one task
+            # per chunk took 14 s to open a 20,000-image store of 8 layers
+            if group is None:
+                group = open_group(url, "r", storage_options=storage_options)
+            values = np.asarray(group[path][...])
+            if values.shape == var.shape and values.dtype == var.dtype:
+                return var.copy(data=values)
         import dask
 
-        # Read here with the synchronous scheduler, not whatever scheduler is active: these are a few small arrays,
-        # and a distributed Client may run on machines that cannot see this store (memory://, a laptop's disk).
-        (values,) = dask.compute(var.variable, scheduler="synchronous")
-        return var.copy(data=values.data)
+        (computed,) = dask.compute(var.variable, scheduler="synchronous")
+        return var.copy(data=computed.data)
 
     def as_unicode(var: xr.DataArray) -> xr.DataArray:
         # Zarr returns variable-length strings as numpy's StringDType, which much numpy/pandas code cannot cast;
@@ -966,26 +977,40 @@ def open_activations(url: str, *, storage_options: Mapping[str, Any] | None = No
             return var.copy(data=np.asarray(var.values.tolist(), dtype=str))
         return var
 
-    def load_small(ds: xr.Dataset) -> xr.Dataset:
+    def load_small(ds: xr.Dataset, node_path: str) -> xr.Dataset:
         # the image coordinates, and a reduced layer's unit coordinates (what the analysis maps draws with)
+        def path(name: Hashable) -> str:
+            return f"{node_path.strip('/')}/{name}".strip("/")
+
         names = [c for c in ds.coords if c in image_coords or ds.coords[c].dims == (UNIT_DIM,)]
-        ds = ds.assign_coords({c: as_unicode(load(ds.coords[c])) for c in names}) if names else ds
+        ds = ds.assign_coords({c: as_unicode(load(ds.coords[c], path(c))) for c in names}) if names else ds
         if IMAGE_DIM in ds.indexes:
             ds = ds.assign_coords({IMAGE_DIM: as_unicode(ds.coords[IMAGE_DIM])})
         if COMPLETED in ds.data_vars:  # one bool per image: the completion record, checked by the analysis
-            ds[COMPLETED] = load(ds[COMPLETED])
+            ds[COMPLETED] = load(ds[COMPLETED], path(COMPLETED))
         if ACTIVATION in ds.data_vars:
             ds = ds.assign({ACTIVATION: _as_stored(ds[ACTIVATION].variable, url)})
         return ds
 
     with reaching(url, "reading its image coordinates and completion record"):
-        tree = tree.map_over_datasets(load_small)
+        tree = xr.DataTree.from_dict({node.path: load_small(node.to_dataset(inherit=False), node.path)
+                                      for node in tree.subtree}, name=tree.name)
     from .checksums import checked_reads  # it imports this module
 
     # every chunk read names the chunk, its layer and images when it fails (a damaged chunk: extraction/checksums.py)
     tree = checked_reads(tree, url, storage_options)
     tree.attrs.update(attrs)
     return tree
+
+
+def _undecoded(var: xr.DataArray) -> bool:
+    """Whether xarray's decoding leaves ``var``'s stored values as they are (no scale, offset, units or masking of a
+    fill value other than NaN), so that reading the Zarr array itself gives the same values."""
+    encoding = var.encoding
+    if any(encoding.get(key) is not None for key in ("scale_factor", "add_offset", "units", "calendar")):
+        return False
+    fill = encoding.get("_FillValue")
+    return fill is None or (var.dtype.kind == "f" and isinstance(fill, float) and np.isnan(fill))
 
 
 def is_store(url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -1109,6 +1134,22 @@ def _select_filters(ds: xr.Dataset, filter: Any, layer: str) -> xr.Dataset:
     return ds.isel({UNIT_DIM: np.isin(ds[FILTER_DIM].values, np.atleast_1d(filter))})
 
 
+def _take_images(ds: xr.Dataset, positions: np.ndarray) -> xr.Dataset:
+    """``ds.isel(image=positions)``, with the stored arrays of an opened store read a selection's rows at a time
+    (:func:`~cnndiff_xr.extraction.checksums.read_rows`: a sample of 1,000 images spread over a 20,000-image store
+    is then a few read tasks per array, not one per stored chunk it touches). Same values."""
+    from .checksums import read_rows  # it imports this module
+
+    out = ds.isel({IMAGE_DIM: positions})
+    replaced = {}
+    for name, var in ds.data_vars.items():
+        if var.dims and var.dims[0] == IMAGE_DIM:
+            rows = read_rows(var, positions)
+            if rows is not None:
+                replaced[name] = rows
+    return out.assign(replaced) if replaced else out
+
+
 def select(tree: xr.DataTree, layers: str | Sequence[str] | None = None, *, filter: Any = None,
            sets: str | Sequence[str] | None = None, image: Any = None) -> xr.DataTree:
     """Labelled, lazy slicing across layers: a new tree with only ``layers`` and, in each, only the given filters
@@ -1127,22 +1168,32 @@ def select(tree: xr.DataTree, layers: str | Sequence[str] | None = None, *, filt
     groups = {"/": tree.to_dataset(inherit=False)}
     for name in chosen:
         ds = tree.children[name].to_dataset(inherit=True)
-        if sets is not None:
-            wanted = [sets] if isinstance(sets, str) else list(sets)
-            present = np.unique(ds[SET_COORD].values)
-            missing = sorted(set(wanted) - set(present))
-            if missing:
-                raise UnknownLabelError(f"sets {missing} are not in this store; it has "
-                                        f"{sorted(str(v) for v in present)}")
-            ds = ds.isel({IMAGE_DIM: np.isin(ds[SET_COORD].values, wanted)})
-        if image is not None:
-            ds = ds.sel({IMAGE_DIM: image})
+        positions: np.ndarray | None = None  # the selected images' positions, when a selection keeps the dimension
+        if sets is not None or image is not None:
+            probe = xr.DataArray(np.arange(ds.sizes[IMAGE_DIM]), dims=IMAGE_DIM, coords={IMAGE_DIM: ds[IMAGE_DIM]})
+            if sets is not None:
+                wanted = [sets] if isinstance(sets, str) else list(sets)
+                present = np.unique(ds[SET_COORD].values)
+                missing = sorted(set(wanted) - set(present))
+                if missing:
+                    raise UnknownLabelError(f"sets {missing} are not in this store; it has "
+                                            f"{sorted(str(v) for v in present)}")
+                probe = probe.isel({IMAGE_DIM: np.isin(ds[SET_COORD].values, wanted)})
+            if image is not None:
+                probe = probe.sel({IMAGE_DIM: image})
+            if probe.ndim:
+                positions = probe.values
+                ds = _take_images(ds, positions)
+            else:  # one image by label: the dimension goes, as with xarray's sel
+                ds = ds.sel({IMAGE_DIM: image})
         if filter is not None:
             ds = _select_filters(ds, filter, name)
         groups[f"/{name}"] = ds
         if MEANS_GROUP in tree.children[name].children:  # the layer's means follow the same selection
             means = tree.children[name].children[MEANS_GROUP].to_dataset(inherit=True)
-            if sets is not None or image is not None:
+            if positions is not None and means.sizes.get(IMAGE_DIM) == tree.children[name].sizes[IMAGE_DIM]:
+                means = _take_images(means, positions)
+            elif sets is not None or image is not None:
                 means = means.sel({IMAGE_DIM: ds[IMAGE_DIM].values})
             if filter is not None:
                 means = means.sel({FILTER_DIM: filter})
