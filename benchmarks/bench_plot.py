@@ -60,7 +60,7 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             if proc.returncode:
                 sys.exit(proc.stderr)
-            figures = len(list(out.glob("*.png")))
+            figures = len(list(out.rglob("*.png")))
             rows.append((n, layers, extraction, seconds, figures))
             print(f"{n} images: extraction {extraction:.0f} s; cnndiff plot {seconds:.1f} s, {figures} PNG figures",
                   flush=True)
