@@ -145,16 +145,19 @@ def reaching(url: str, doing: str) -> Iterator[None]:
         yield
     except StoreUnreachableError:
         raise
-    except OSError as err:
-        if isinstance(err, _PATH_ERRORS) or not _is_remote(url):
+    except Exception as err:
+        # OSError from fsspec; botocore's connection errors (a dropped connection on the last retry raises
+        # botocore's ConnectionClosedError, which is not an OSError) by their module, botocore not being a dependency
+        connection = isinstance(err, OSError) or type(err).__module__.startswith("botocore")
+        if not connection or isinstance(err, _PATH_ERRORS) or not _is_remote(url):
             raise
         raise StoreUnreachableError(
             f"could not reach store {url!r} while {doing}: {type(err).__name__}: {err}. Its filesystem still failed "
             "after s3fs's and botocore's retries (for S3: 5 botocore attempts within each of 5 s3fs tries, for "
             "throttling, 5xx responses and dropped connections). Check the endpoint, the network and the "
-            "credentials, or raise the retries in storage_options (e.g. {'retries': 10, 'config_kwargs': "
-            "{'retries': {'max_attempts': 10, 'mode': 'standard'}}}), and rerun: an extraction resumes from the "
-            "batches already written.") from err
+            "credentials, or raise botocore's retries in storage_options (e.g. {'config_kwargs': {'retries': "
+            "{'max_attempts': 10, 'mode': 'standard'}}}), and rerun: an extraction resumes from the batches "
+            "already written.") from err
 
 
 def check_url(url: Any, name: str = "store") -> str:
