@@ -411,6 +411,10 @@ logger = logging.getLogger(__name__)
 PLUGIN_ATTEMPTS = 3
 
 
+#: Seconds to wait for the client to notice that its scheduler is gone after a call to it failed on a closed comm
+SCHEDULER_LOSS_GRACE_S = 10.0
+
+
 def _scheduler_lost(client: Client, error: BaseException) -> bool:
     """Whether ``error`` means the client lost its scheduler (rather than a task or a worker failing)."""
     from distributed.client import FutureCancelledError
@@ -418,7 +422,15 @@ def _scheduler_lost(client: Client, error: BaseException) -> bool:
 
     if isinstance(error, FutureCancelledError):
         return "scheduler-connection-lost" in error.reason
-    return isinstance(error, CommClosedError | OSError | TimeoutError) and client.status != "running"
+    if not isinstance(error, CommClosedError | OSError | TimeoutError):
+        return False
+    # A call to the scheduler (a gather, the plugin's registration) can fail on the closed comm before the client has
+    # noticed the loss on its own stream: give it a moment to change its status ("connecting", then "closed"). Only
+    # for a closed comm: other OSErrors (the store's) are not delayed
+    deadline = time.monotonic() + (SCHEDULER_LOSS_GRACE_S if isinstance(error, CommClosedError) else 0.0)
+    while client.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return client.status != "running"
 
 
 @contextlib.contextmanager
