@@ -956,8 +956,7 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
         for s in missing
     }
     failures = []
-    overflow: Float16OverflowError | None = None
-    disk_full: DiskFullError | None = None
+    fatal: Float16OverflowError | DiskFullError | None = None
     n_computed = 0
     with tqdm(total=sum(len(table.refs[s:s + batch_size]) for s in missing), unit="img", disable=not progress,
               desc="extract", file=sys.stderr) as bar:
@@ -966,14 +965,9 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
         for future in completed:
             if future.status == "error":
                 error = future.exception()
-                if isinstance(error, Float16OverflowError):
-                    # every later batch of these images overflows too (or is written in a dtype the user must now
-                    # change): stop at once rather than compute the rest
-                    overflow = error
-                    completed.clear()
-                    break
-                if isinstance(error, DiskFullError):  # every later batch needs space too: stop, saying how much
-                    disk_full = error
+                # an overflow or a full disk stops the run at once: every later batch would fail the same way
+                if isinstance(error, Float16OverflowError | DiskFullError):
+                    fatal = error
                     completed.clear()
                     break
                 failures.append((futures[future], error))
@@ -981,28 +975,21 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
                 n_computed += future.result()
                 bar.update(len(table.refs[futures[future]:futures[future] + batch_size]))
     seconds = time.perf_counter() - t0
-    if overflow is not None:
-        # released, so the scheduler drops the batches not yet started (those running finish and write whole,
-        # complete batches: nothing half written)
+    if fatal is not None or failures:
+        # Release (not cancel) our futures: the scheduler drops the batches not yet started (those running finish
+        # and write whole, complete batches), and with deterministic keys a retry in this session whose traceback
+        # still holds them would otherwise be handed the same failed futures instead of recomputing
         for future in futures:
             future.release()
         futures.clear()
-        # its own message, not "1 of N batches failed": the remedy is another dtype, not a rerun; a fresh copy, so the
-        # traceback is this call's and not the worker's
-        raise Float16OverflowError(overflow.store, overflow.layer, overflow.images, overflow.largest,
-                                   overflow.other_layers) from None
-    if disk_full is not None:
-        for future in futures:  # as for overflow: the batches not started are dropped
-            future.release()
-        futures.clear()
-        raise _disk_full_now(task, disk_full, len(table), image_nbytes) from None
+    # each with its own message, not "1 of N batches failed": the remedy is another dtype, or space, not a rerun
+    # alone; a fresh copy, so that the traceback is this call's and not the worker's
+    if isinstance(fatal, Float16OverflowError):
+        raise Float16OverflowError(fatal.store, fatal.layer, fatal.images, fatal.largest, fatal.other_layers) from None
+    if isinstance(fatal, DiskFullError):
+        raise _disk_full_now(task, fatal, len(table), image_nbytes) from None
     if failures:
         first_start, first_error = min(failures, key=lambda f: f[0])
-        # Release (not cancel) our futures: with deterministic keys, a retry in this session whose traceback still
-        # holds them would otherwise be handed the same failed futures instead of recomputing
-        for future in futures:
-            future.release()
-        futures.clear()
         mismatch = next((error for _, error in sorted(failures, key=lambda f: f[0])
                          if isinstance(error, WeightsMismatchError)), None)
         if mismatch is not None:  # its own message: the remedy is that worker's files or versions, not a rerun alone
