@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from cli_run import main_in_process
 from PIL import Image
 from tiny import write_pngs
 
@@ -362,16 +363,7 @@ def test_analysis_messages_name_images_by_their_ids(cli_store):
 DRAWS = ["--n-units", "50,500", "--resamples", "3"]
 
 
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    """``cnndiff ARGV`` in this process (the workers of the session's cluster have built MobileNetV2 already):
-    exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(argv)
-        except SystemExit as exit_:  # argparse
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
+_main = main_in_process  # the workers of the session's cluster have built the models already
 
 
 def _extract_like_cli_store(base: Path, path: Path, address: str, *more: str) -> tuple[str, str]:

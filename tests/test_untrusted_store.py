@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import matplotlib
+from cli_run import main_in_process
 
 matplotlib.use("Agg")
 
@@ -180,14 +181,7 @@ def test_filter_mean_files_of_hostile_layer_names_stay_distinct_and_inside(tmp_p
 
 
 # ------------------------------------------------------------------------------------------ the one CLI run
-def _main(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(argv)
-        except SystemExit as exit_:  # argparse
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
+_main = main_in_process
 
 
 def test_cnndiff_plot_of_hostile_results_writes_only_into_out(tmp_path):
