@@ -23,7 +23,7 @@ import tempfile
 import types
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -630,27 +630,38 @@ class LayerExtractor:
         self._computed = [n for n in self.layers if n != INPUT_LAYER]
         self.has_imagenet_head: bool = tuple(self.model.output.shape[1:]) == (1000,) and spec.name is not None
         self.shapes = {n: tuple(int(d) for d in by_store_name[n].output.shape[1:]) for n in self.layers}
-        # One output per kept activation and, with filter means, two more per layer (the per-filter sums and the
-        # per-image sum of squares): the gather and the sums run inside the model call, so only the kept values
-        # leave it. _slots names each output, in order.
-        outputs: list[Any] = []
+        # The sub-model returns every computed layer's raw output; the traced call (_compiled_call) then gathers the
+        # kept units, casts them and, with filter means, adds two outputs per layer (the per-filter sums and the
+        # per-image sum of squares), so only the kept values leave the model call. _slots names each output, in order.
         self._slots: list[tuple[str, str]] = []
+        plan: list[tuple[np.ndarray | None, bool]] = []
         for name in self._computed:
-            out = by_store_name[name].output
             kept = self.reduction.kept(name, self.shapes[name])
-            act = out if kept is None else keras.ops.take(keras.ops.reshape(out, (-1, int(np.prod(out.shape[1:])))),
-                                                          kept, axis=1)
-            if self.dtype != "float32":  # after the gather: only the kept values are cast
-                act = keras.ops.cast(act, self.dtype)
-            outputs.append(act)
+            means = self.reduction.means_for(name, self.shapes[name])
+            plan.append((kept, means))
             self._slots.append((name, "activation"))
-            if self.reduction.means_for(name, self.shapes[name]):
-                outputs += _moment_outputs(keras, out)
+            if means:
                 self._slots += [(name, "filter_sum"), (name, "sum_of_squares")]
+        raw = [by_store_name[name].output for name in self._computed]
         if self.has_imagenet_head:
-            outputs.append(self.model.output)  # float32 probabilities, recorded even when that layer is not stored
-        self._submodel = keras.Model(self.model.input, outputs) if outputs else None
-        self._call = _compiled_call(self._submodel, keras) if self._submodel is not None else None
+            raw.append(self.model.output)  # float32 probabilities, recorded even when that layer is not stored
+        store_dtype = self.dtype
+
+        def reduce(tensors: Sequence[Any]) -> list[Any]:
+            outputs: list[Any] = []
+            # the probabilities, last, pass through
+            for out, (kept, means) in zip(tensors[:len(plan)], plan, strict=True):
+                act = out if kept is None else keras.ops.take(
+                    keras.ops.reshape(out, (-1, int(np.prod(out.shape[1:])))), kept, axis=1)
+                if store_dtype != "float32":  # after the gather: only the kept values are cast
+                    act = keras.ops.cast(act, store_dtype)
+                outputs.append(act)
+                if means:
+                    outputs += _moment_outputs(keras, out)
+            return outputs + list(tensors[len(plan):])
+
+        self._submodel = keras.Model(self.model.input, raw) if raw else None
+        self._call = _compiled_call(self._submodel, keras, reduce) if self._submodel is not None else None
         height, width = self.model.input.shape[1:3]
         if height is None or width is None:
             raise ParameterValueError(f"model {self.model.name!r} has no fixed input size; build it with "
@@ -722,22 +733,29 @@ class LayerExtractor:
                            means={n: means[n] for n in self.layers if n in means}, probabilities=probabilities)
 
 
-def _compiled_call(submodel: Any, keras: Any) -> Callable[[np.ndarray], Any]:
-    """The multi-output model's forward call, as one TensorFlow graph where Keras runs on TensorFlow.
+def _compiled_call(submodel: Any, keras: Any,
+                   reduce: Callable[[Sequence[Any]], list[Any]]) -> Callable[[np.ndarray], Any]:
+    """The multi-output model's forward call followed by ``reduce`` (the gather, cast and sums of what a batch keeps),
+    as one TensorFlow graph where Keras runs on TensorFlow.
 
     Traced once (for any batch size), the call runs without
     Python between its ops, and TensorFlow's graph optimiser fuses what eager execution cannot: the gather and the
-    sums of a reduced store then cost ~3 % of the forward pass instead of ~20 % eagerly, and the full forward pass
+    sums of a reduced store then cost a few % of the forward pass instead of ~20 % eagerly, and the full forward pass
     itself gets ~5 % faster on 2 cores (benchmarks/RESULTS.md, "Reduced stores")."""
+
+    def call(x: Any) -> list[Any]:
+        raw = submodel(x, training=False)
+        return reduce(raw if isinstance(raw, (list, tuple)) else [raw])
+
     if keras.backend.backend() != "tensorflow":
-        return lambda x: submodel(x, training=False)
+        return call
     with _first_import("tensorflow"):
         import tensorflow as tf
 
     # one trace for every batch size (the warm-up batch of one, full batches, the last short batch): a trace of a
     # large network costs seconds
     signature = [tf.TensorSpec((None, *submodel.input.shape[1:]), tf.float32)]
-    return tf.function(lambda x: submodel(x, training=False), input_signature=signature)
+    return tf.function(call, input_signature=signature)
 
 
 def _moment_outputs(keras: Any, out: Any) -> list[Any]:
@@ -746,14 +764,27 @@ def _moment_outputs(keras: Any, out: Any) -> list[Any]:
 
     The per-filter sums are a product with a vector of ones, ``(1, positions) @ (positions, filters)``: BLAS sums in
     blocks (measured within 5e-7 of float64 on a 224 x 224 layer) and costs a third of TensorFlow's reduction over
-    both spatial axes. The sum of squares is a reduction over every axis, vectorised and as accurate. Together they
-    add ~10 % to VGG16's forward pass on one core, against ~20 % for reductions along the spatial axes."""
+    both spatial axes. The sum of squares, see :func:`_sum_of_squares`."""
     if len(out.shape) == 2:  # dense: each filter is one unit
-        return [out, keras.ops.sum(keras.ops.square(out), axis=1)]
+        return [out, _sum_of_squares(keras, out)]
     positions = int(out.shape[1]) * int(out.shape[2])
     per_position = keras.ops.reshape(out, (-1, positions, int(out.shape[3])))
     sums = keras.ops.matmul(keras.ops.ones((1, 1, positions)), per_position)  # (batch, 1, filters)
-    return [keras.ops.reshape(sums, (-1, int(out.shape[3]))), keras.ops.sum(keras.ops.square(out), axis=(1, 2, 3))]
+    return [keras.ops.reshape(sums, (-1, int(out.shape[3]))), _sum_of_squares(keras, out)]
+
+
+def _sum_of_squares(keras: Any, out: Any) -> Any:
+    """Per-image sum of squares over every axis but the batch's, in float32.
+
+    On TensorFlow, the square of its Euclidean-norm reduction: one fused pass over the tensor, where ``sum(square(x))``
+    writes the squares to a temporary and reads them back (on one core 2.7x slower: 40 against 15 ms for a batch of 8
+    of VGG16's first layer, ~14 % of the whole forward pass against ~5 %); within 1.1e-7 relative of float64."""
+    axes = tuple(range(1, len(out.shape)))
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.square(tf.math.reduce_euclidean_norm(out, axis=axes))
+    return keras.ops.sum(keras.ops.square(out), axis=axes)
 
 
 def _as_numpy(tensor: Any, keras: Any) -> np.ndarray:
