@@ -42,10 +42,11 @@ Faults, and why the store stays right:
   completion flags (the block's last write), as :class:`DiskFullError`; the client stops the run at the first one
   (the rest released) and says the free space now and the bytes still needed. A chunk cut short leaves nothing
   behind: Zarr's local store writes a temporary file and renames it, and deletes the temporary file when the write
-  fails, so the batch's earlier chunks are whole and the batch is merely incomplete; a rerun after freeing space
-  writes it again. The lock's heartbeat, which rewrites ``<store>.lock`` next to the store, fails too: it warns and
-  leaves the lock as it was (no temporary file), and the lock is released as for any error. Before starting, a local
-  store whose disk is clearly too small is refused (:class:`NotEnoughSpaceError`, ``force=True`` overrides).
+  fails, so the batch's other chunks (written together with it) are whole and the batch is merely incomplete; a
+  rerun after freeing space writes it again. The lock's heartbeat, which rewrites ``<store>.lock`` next to the store,
+  fails too: it warns and leaves the lock as it was (no temporary file), and the lock is released as for any error.
+  Before starting, a local store whose disk is clearly too small is refused (:class:`NotEnoughSpaceError`,
+  ``force=True`` overrides).
 - **The store is replaced while orphans run** (deleted and recreated at the same URL): each store gets a random
   ``store_id`` at creation; a task checks it just before writing data and again before writing completion, and drops
   its results if it changed, so an orphan never writes into, or marks complete, a different store.
@@ -409,7 +410,6 @@ def _extract_batch(task: BatchTask, start: int, refs: Sequence[images.ImageRef],
     """Decode, run and write one batch (a whole chunk of every layer); return the number of images.
 
     ``labels`` name the batch's images in messages (id and source, as the image table names them)."""
-
     model = worker_model(task.plugin)
     rgb = images.load_batch(refs, model.input_size, task.resize)
     output = model.run(rgb)
