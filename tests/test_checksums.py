@@ -177,3 +177,67 @@ def test_a_store_without_checksums_still_opens_and_resumes(clean_store, tmp_path
     assert_same_store(str(path), clean_store)
     assert all(c["name"] != "crc32c" for c in json.load(open(path / "conv1" / "activation" / "zarr.json"))["codecs"])
     assert verify_store(str(path)) == []
+
+
+# --------------------------------------------------------------------------------------------- direct chunk reads
+def _zarr_read(path, selection=Ellipsis):
+    """zarr's own read of an array: the reference every direct read must equal, byte for byte."""
+    import zarr
+
+    return np.asarray(zarr.open_array(path, mode="r")[selection])
+
+
+def test_chunks_of_a_local_store_are_read_from_their_files_without_zarr(clean_store, monkeypatch):
+    """The analysis' chunk reads of a local store decode the chunk files in the reading thread (checksum, blosc),
+    not through zarr's event loop, and return exactly zarr's values: with zarr's array reads made to fail, every
+    activation and means array still reads, equal to zarr's read of it."""
+    import zarr
+
+    tree = cx.open_activations(clean_store)
+    layers = cx.store.layer_names(tree)
+    lazy = {f"{layer}/activation": tree[layer]["activation"].data for layer in layers}
+    lazy.update({f"{layer}/filter_means/{name}": tree[layer]["filter_means"][name].data for layer in layers
+                 if "filter_means" in tree[layer].children for name in ("filter_mean", "layer_mean")})
+    expected = {path: _zarr_read(os.path.join(clean_store, path)) for path in lazy}
+
+    def no_zarr_reads(self, selection):
+        raise AssertionError("a chunk was read through zarr")
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", no_zarr_reads)
+    for path, data in lazy.items():
+        got = data.compute(scheduler="sync")
+        assert got.dtype == expected[path].dtype and got.tobytes() == expected[path].tobytes(), path
+
+
+@pytest.mark.parametrize("codecs", ["blosc+crc32c", "blosc", "zstd+crc32c"])
+def test_direct_reads_take_any_selection_and_leave_other_codecs_to_zarr(tmp_path, codecs):
+    """Selections across chunk borders and into the last, partial chunk equal zarr's read; a store written with
+    other codecs (zstd) is left to zarr (no direct reader)."""
+    import zarr
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    from cnndiff_xr.extraction.checksums import _direct_reader
+
+    compressors = {"blosc+crc32c": [BloscCodec(cname="lz4", shuffle="bitshuffle"), Crc32cCodec()],
+                   "blosc": [BloscCodec(cname="lz4", shuffle="bitshuffle")],
+                   "zstd+crc32c": [ZstdCodec(), Crc32cCodec()]}[codecs]
+    values = np.random.default_rng(0).normal(size=(11, 7, 5)).astype(np.float16)  # 11 rows: a last partial chunk
+    path = str(tmp_path / "a.zarr")
+    array = zarr.create_array(path, shape=values.shape, chunks=(4, 3, 5), dtype=values.dtype,
+                              compressors=compressors)
+    array[...] = values
+    reader = _direct_reader(zarr.open_array(path, mode="r"))
+    if codecs.startswith("zstd"):
+        assert reader is None
+        return
+    assert reader is not None and reader.checksum == codecs.endswith("crc32c")
+    for selection in [(slice(0, 4), slice(0, 3), slice(0, 5)), (slice(3, 10), slice(1, 7), slice(2, 4)),
+                      (slice(8, 11), slice(None), slice(None)), (slice(5, 5), slice(None), slice(None))]:
+        got = reader.read(selection, values.shape)
+        assert got is not None
+        assert got.tobytes() == _zarr_read(path, selection).tobytes() == values[selection].tobytes(), selection
+    # what it does not take (a step, an integer index) and a chunk file it cannot use are left to zarr
+    assert reader.read((slice(0, 11, 2), slice(None), slice(None)), values.shape) is None
+    assert reader.read((0, slice(None), slice(None)), values.shape) is None
+    os.remove(os.path.join(path, "c", "1", "0", "0"))
+    assert reader.read((slice(4, 8), slice(0, 3), slice(None)), values.shape) is None
