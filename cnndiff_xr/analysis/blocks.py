@@ -58,8 +58,11 @@ __all__ = [
     "pairwise_distances",
 ]
 
-#: target size of one gathered row block (images x union of sampled units)
-ROW_BLOCK_BYTES = 64 * 2**20
+#: target size of one gathered row block (images x union of sampled units). A set in one block is one task with no
+#: row-statistics pass and no re-shifted block pairs (``one_block_distances``); 128 MiB (from 64) keeps sets of up to
+#: ~330 images of 10 draws of 10,000 units in one block: the differentiation of a 192-image reduced VGG16 store ~20 %
+#: faster (benchmarks/RESULTS.md), at ~0.25 GB of working memory per running task
+ROW_BLOCK_BYTES = 128 * 2**20
 MIN_BLOCK, MAX_BLOCK = 32, 2048
 
 #: a row block: one C-contiguous ``(rows, m)`` array per draw

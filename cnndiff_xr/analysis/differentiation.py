@@ -273,7 +273,7 @@ def differentiation(
         ``"raise"`` or ``"zero"``: what to do with constant vectors where ``norm``/``metric``
         leave them undefined (see :mod:`cnndiff_xr.analysis.metrics`).
     block_size
-        Images per distance block (default: sized so a gathered block is ~64 MB). A set in one block is one task;
+        Images per distance block (default: sized so a gathered block is ~128 MiB). A set in one block is one task;
         larger sets collect their distances, or, beyond 64 MiB of them, take the exact one-pass windowed median
         (:mod:`cnndiff_xr.analysis.median`). Every path gives the exact ``np.median`` of the float64 distances.
 
