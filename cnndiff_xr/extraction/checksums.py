@@ -290,14 +290,16 @@ def _local_chunk_files(group: Any, path: str, array: Any) -> _LocalChunkFiles | 
 def _direct_reader(array: Any) -> _LocalChunkFiles | None:
     import sys
 
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-    from zarr.core.chunk_grids import RegularChunkGrid
-    from zarr.storage import LocalStore
+    try:  # zarr.core's names may move in a later zarr: then every read goes through zarr
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+        from zarr.core.chunk_grids import RegularChunkGrid
+        from zarr.storage import LocalStore
 
-    try:
         store, meta = array.store_path.store, array.metadata
         codecs = list(meta.codecs)
         dtype = np.dtype(array.dtype)
+        if getattr(meta, "storage_transformers", ()):
+            return None
     except Exception:  # zarr v2 metadata, another store or array type
         return None
     checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
