@@ -2,7 +2,7 @@
 
 The seed computed differentiation as: z-score the (images x sampled units) matrix over
 the layer, ``pdist``, divide by sqrt(m), median. cnndiff_xr computes the same distances
-from Gram products of centroid-shifted rows (float32 BLAS on blocks of 1024 units summed
+from Gram products of centroid-shifted rows (float32 BLAS on blocks of 4096 units summed
 in float64, pairs with a large error bound redone in float64). Both run here in the same
 process, on the same float32 matrix (sparse, non-negative, like sampled ReLU
 activations), so the ratio is meaningful on a shared, noisy machine even when absolute
