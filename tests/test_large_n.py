@@ -140,9 +140,7 @@ def test_massive_ties_are_counted_not_kept(monkeypatch):
     arr = _array(x, 150)
     collected = cx.differentiation(arr, n_units=12, norm="none", resamples=1, block_size=200)
     expected = np.median(reference_distances(x, "none", "euclidean"))
-    # within the distances' tolerance of np.median's float64 value; the 13 possible distances are >= 1 % apart, so a
-    # wrong count of the ties would pick another one
-    assert float(collected.squeeze()) == pytest.approx(expected, rel=gram.DISTANCE_RTOL)
+    assert float(collected.squeeze()) == pytest.approx(expected, rel=1e-12)
     monkeypatch.setattr(median, "MEDIAN_IN_MEMORY_BYTES", 0)
     kept = []
     original = median._pair_window

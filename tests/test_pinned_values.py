@@ -3,10 +3,6 @@
 ``pinned_values.json`` holds ``float.hex`` of every value the calls below returned on version 0.1's code: on the
 synthetic tree (every norm/metric pair, both reductions, per-filter and top draws, one-task, collected and multi-block
 paths, an RDM and an RDM regression) and on the real tiny-model store. A refactor that changes one bit fails here.
-
-Re-pinned by design (eleventh session, issue 14): ``GRAM_BLOCK_COLUMNS`` 4096 -> 1024 halves the float32 error bound,
-so fewer near-duplicate pairs are recomputed in float64; 78 of the 192 synthetic values, 2 RDM-regression slopes and
-20 of the 72 tiny-store values moved, by at most 1.0e-7 relative (the documented tolerance is 1e-5).
 """
 
 from __future__ import annotations

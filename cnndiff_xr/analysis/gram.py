@@ -53,10 +53,8 @@ __all__ = [
 ]
 
 #: columns per float32 Gram product; the float32 rounding error of one block's dot products
-#: grows like sqrt(block), and blocks are summed in float64 (see :func:`gram`). 1024 (from 4096) halves the error
-#: bound, so ~10x fewer near-duplicate pairs need the float64 recomputation (photo crops: 94,000 -> 9,000 pairs in a
-#: 192-image differentiation), while a 1024-column product keeps BLAS at full speed (benchmarks/RESULTS.md)
-GRAM_BLOCK_COLUMNS = 1024
+#: grows like sqrt(block), and blocks are summed in float64 (see :func:`gram`)
+GRAM_BLOCK_COLUMNS = 4096
 #: a distance whose float32 error bound exceeds this relative error is recomputed from a float64 Gram product
 DISTANCE_RTOL = 1e-5
 #: bytes of float64 per strip of the elementwise passes over a Gram block (error bounds, distances, median
