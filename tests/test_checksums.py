@@ -230,7 +230,7 @@ def test_direct_reads_take_any_selection_and_leave_other_codecs_to_zarr(tmp_path
     if codecs.startswith("zstd"):
         assert reader is None
         return
-    assert reader is not None and reader.checksum == codecs.endswith("crc32c")
+    assert reader is not None and (reader.checksum is not None) == codecs.endswith("crc32c")
     for selection in [(slice(0, 4), slice(0, 3), slice(0, 5)), (slice(3, 10), slice(1, 7), slice(2, 4)),
                       (slice(8, 11), slice(None), slice(None)), (slice(5, 5), slice(None), slice(None))]:
         got = reader.read(selection, values.shape)

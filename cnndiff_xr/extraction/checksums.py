@@ -181,31 +181,33 @@ def _image_ids(group: Any, start: int, stop: int) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------------- checked reads
-_ARRAY_CACHE: dict[str, tuple[Any, dict[str, Any]]] = {}
+_ARRAY_CACHE: dict[str, tuple[Any, dict[str, tuple[Any, _LocalChunkFiles | None]]]] = {}
 
 
 def _open_array(url: str, storage_options: Mapping[str, Any] | None, store_id: str | None, path: str,
-                shape: Sequence[int] | None = None) -> tuple[Any, Any]:
-    """The root group (read-only) and one array of it, both cached per process (each read task asks: opening the
-    array from the group's metadata again took ~0.5 ms of zarr's event-loop round trips per task, ~20 % of a read of
-    a reduced store).
+                shape: Sequence[int] | None = None) -> tuple[Any, Any, _LocalChunkFiles | None]:
+    """The root group (read-only), one array of it and the array's direct reader (:func:`_direct_reader`; None:
+    read through zarr), all cached per process (each read task asks: opening the array from the group's metadata
+    again took ~0.5 ms of zarr's event-loop round trips per task, ~20 % of a read of a reduced store).
 
     Keyed by ``store_id`` too, and reopened when the array's shape is not ``shape``: an append grows the arrays (and
     gives the store a new id), and a store replaced at the same URL may have other shapes or codecs."""
     key = json.dumps([url, dict(storage_options or {}), store_id], sort_keys=True, default=str)
     cached = _ARRAY_CACHE.get(key)
-    array = None
+    opened = None
     if cached is not None:
-        array = cached[1].get(path)
-        if array is None:
-            array = cached[1][path] = cached[0][path]
-    if cached is None or array is None or (shape is not None and tuple(array.shape) != tuple(shape)):
+        opened = cached[1].get(path)
+        if opened is None:
+            array = cached[0][path]
+            opened = cached[1][path] = (array, _direct_reader(array))
+    if cached is None or opened is None or (shape is not None and tuple(opened[0].shape) != tuple(shape)):
         if len(_ARRAY_CACHE) > 16:  # a long-lived worker reading many stores
             _ARRAY_CACHE.clear()
         group = _store.open_group(url, "r", storage_options=storage_options)
-        cached = _ARRAY_CACHE[key] = (group, {})
-        array = cached[1][path] = group[path]
-    return cached[0], array
+        array = group[path]
+        opened = (array, _direct_reader(array))
+        cached = _ARRAY_CACHE[key] = (group, {path: opened})
+    return cached[0], opened[0], opened[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +227,8 @@ class _LocalChunkFiles:
     encode_key: Any  # the array's chunk key encoding: chunk coordinates -> "c/0/0"
     chunks: tuple[int, ...]
     dtype: np.dtype[Any]
-    checksum: bool
+    checksum: Any  # google_crc32c.value, or None for an array without the crc32c codec
+    decode: Any  # numcodecs' blosc decode
 
     def read(self, index: Any, shape: Sequence[int]) -> np.ndarray | None:
         """The values at ``index`` (slices of step 1, what dask's getter passes for a chunk), or None."""
@@ -253,44 +256,27 @@ class _LocalChunkFiles:
         return out
 
     def _chunk(self, coords: tuple[int, ...]) -> np.ndarray | None:
-        import google_crc32c
-        from numcodecs import Blosc
-
         try:
             with open(f"{self.folder}/{self.encode_key(coords)}", "rb") as f:
                 data = np.frombuffer(f.read(), np.uint8)
-            if self.checksum:
-                if data.size < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:].tobytes(), "little"):
+            if self.checksum is not None:
+                if data.size < 4 or self.checksum(data[:-4]) != int.from_bytes(data[-4:].tobytes(), "little"):
                     return None
                 data = data[:-4]
-            values = np.frombuffer(Blosc().decode(data), self.dtype)
+            values = np.frombuffer(self.decode(data), self.dtype)
             return values.reshape(self.chunks) if values.size == int(np.prod(self.chunks)) else None
         except Exception:  # missing, unreadable or undecodable: zarr decides (fill value or its error)
             return None
 
 
-#: :class:`_LocalChunkFiles` per array of an opened root group (the group by identity, kept so the identity stays
-#: its own; None: read through zarr)
-_LOCAL_FILES: dict[tuple[int, str], tuple[Any, _LocalChunkFiles | None]] = {}
-
-
-def _local_chunk_files(group: Any, path: str, array: Any) -> _LocalChunkFiles | None:
-    """The direct reader of the array at ``path`` of ``group`` (``array``, opened) when it is in a local store with
-    the codecs this package writes, else None; kept per opened group (cached per process by :func:`_open_array`:
-    a reopened group, e.g. after an append, gets its readers anew)."""
-    known = _LOCAL_FILES.get((id(group), path))
-    if known is not None and known[0] is group:
-        return known[1]
-    if len(_LOCAL_FILES) > 1024:  # a long-lived worker reading many stores
-        _LOCAL_FILES.clear()
-    _LOCAL_FILES[(id(group), path)] = (group, files := _direct_reader(array))
-    return files
-
-
 def _direct_reader(array: Any) -> _LocalChunkFiles | None:
+    """The direct reader of ``array``'s chunks when it is in a local store with the codecs this package writes,
+    else None."""
     import sys
 
     try:  # zarr.core's names may move in a later zarr: then every read goes through zarr
+        import google_crc32c
+        from numcodecs import Blosc
         from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
         from zarr.core.chunk_grids import RegularChunkGrid
         from zarr.storage import LocalStore
@@ -306,12 +292,12 @@ def _direct_reader(array: Any) -> _LocalChunkFiles | None:
     codecs = codecs[:-1] if checksum else codecs
     if not (isinstance(store, LocalStore) and isinstance(meta.chunk_grid, RegularChunkGrid) and len(codecs) == 2
             and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], BloscCodec)
-            and dtype.kind in "fiub" and not dtype.hasobject and sys.byteorder == "little"
+            and dtype.kind in "fiub" and sys.byteorder == "little"
             and (dtype.itemsize == 1 or getattr(codecs[0].endian, "value", None) == "little")):
         return None
     return _LocalChunkFiles(folder=f"{store.root}/{array.path}", encode_key=meta.encode_chunk_key,
                             chunks=tuple(int(c) for c in meta.chunk_grid.chunk_shape), dtype=dtype,
-                            checksum=checksum)
+                            checksum=google_crc32c.value if checksum else None, decode=Blosc().decode)
 
 
 def _covered(index: Any, shape: Sequence[int], chunks: Sequence[int]) -> list[list[int]]:
@@ -349,8 +335,7 @@ class CheckedChunks:
         return len(self.shape)
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        group, array = _open_array(self.url, self.storage_options, self.store_id, self.path, self.shape)
-        files = _local_chunk_files(group, self.path, array)
+        group, array, files = _open_array(self.url, self.storage_options, self.store_id, self.path, self.shape)
         if files is not None:
             direct = files.read(index, self.shape)
             if direct is not None:
@@ -496,7 +481,7 @@ def _verify_chunks(task: _VerifyTask, items: Sequence[tuple[str, tuple[int, ...]
     fs, root = _store._filesystem(task.url, task.storage_options)
     damaged = []
     for path, coords in items:
-        group, array = _open_array(task.url, task.storage_options, task.store_id, path)
+        group, array, _ = _open_array(task.url, task.storage_options, task.store_id, path)
         chunks, shape = array.chunks, array.shape
         index: tuple[slice, ...] = tuple(slice(c * n, min((c + 1) * n, s))
                                          for c, n, s in zip(coords, chunks, shape, strict=True))
