@@ -120,16 +120,26 @@ def test_demo_runs_offline_with_random_weights(tmp_path):
     assert cx.open_activations(str(out / "activations.zarr")).cnndiff.complete
 
 
+def _agrees_to_display_precision(rate: float, n: int, seconds: float) -> bool:
+    """``rate`` (printed to 0.01) is ``n / seconds`` for some time that prints as ``seconds`` (to 0.1 s).
+
+    A 1.7 s batch time may be 1.749 s (5.15 images/s for 9 images): with times of one or two seconds the rounding of
+    the printed seconds alone moves the implied rate by ~3 %, so a fixed relative tolerance is wrong there.
+    """
+    slowest, fastest = n / (seconds + 0.05), n / max(seconds - 0.05, 1e-9)
+    return slowest - 0.005 <= rate <= fastest + 0.005
+
+
 def _check_report_truths(report: str) -> None:
     """Wall time and throughput agree; each says what it covers; random weights are explained per figure."""
     overall = re.search(r"extraction: ([\d.]+) s wall time for (\d+) images \(([\d.]+) images/s overall\)", report)
     assert overall, report
     wall, n, rate = float(overall[1]), int(overall[2]), float(overall[3])
-    assert abs(rate - n / wall) <= 0.01 + 0.01 * rate
+    assert _agrees_to_display_precision(rate, n, wall), report
     batches = re.search(r"([\d.]+) s running the batches: ([\d.]+) images/s", report)
     assert batches, report
     seconds, batch_rate = float(batches[1]), float(batches[2])
-    assert seconds <= wall and abs(batch_rate - n / seconds) <= 0.01 + 0.02 * batch_rate
+    assert seconds <= wall and _agrees_to_display_precision(batch_rate, n, seconds), report
     assert re.search(r"disk: [\d,]+ MB written into", report)
     assert "not ImageNet classes" in report and "from the architecture" in report and "not" in report
 
