@@ -305,8 +305,9 @@ def test_error_bound_covers_the_measured_float32_error():
     assert measured.max() > 0  # float32 products really ran
 
 
-def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
-    calls = []
+def _count_float64_redos(monkeypatch) -> list[int]:
+    """The number of rows of every float64 Gram product (``gram.exact_gram``) from now on, in call order."""
+    calls: list[int] = []
     original = gram.exact_gram
 
     def spy(xa, xb, *args):
@@ -314,12 +315,99 @@ def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
         return original(xa, xb, *args)
 
     monkeypatch.setattr(gram, "exact_gram", spy)
+    return calls
+
+
+def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
+    calls = _count_float64_redos(monkeypatch)
     x = _correlated_rows(50, 2000, 0.0)
     pairwise_distances(x)
     assert calls and calls[0] < 10  # the duplicate and near-duplicate rows, not all 50
     calls.clear()
     pairwise_distances(x[3:])  # no near-duplicates left: float32 only
     assert calls == []
+
+
+def _median_inputs(x: np.ndarray):
+    """The float32 Gram block of ``x`` (Euclidean, centroid shift, as a one-block set) and its distance function."""
+    shift = gram.Shift(common=x.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
+    g, norms, _ = gram.gram(x, None, shift)
+    spec = distance_spec("layer", "euclidean")
+    sd = float(np.std(x, dtype=np.float64))  # the layer SD: distances of the z-scored rows, as the reference's
+
+    def distances(g_, na, nb, rows_a, rows_b):
+        return spec.distances(g_, na, nb, x.shape[1], sd=sd)
+
+    return shift, g, norms, spec, distances
+
+
+@pytest.mark.parametrize("near_share", [0.02, 0.7])
+def test_median_deciding_values_redo_only_the_pairs_that_decide_the_median(monkeypatch, near_share):
+    """Near-duplicates far below the median (a few crops of one photo in a set) are not redone; a set made mostly of
+    near-duplicates (a still movie) redoes the ones around the median. Either way the median is that of every pair
+    at its float32 distance, the unsure ones (bound > DISTANCE_RTOL) at their float64 distance."""
+    rng = np.random.default_rng(7)
+    n, m = 60, 3000
+    x = np.maximum(rng.normal(0.2, 1.0, size=(n, m)), 0).astype(np.float32)
+    copies = rng.random(n) < near_share  # rows that are row 0 plus a tiny perturbation
+    copies[0] = False
+    x[copies] = x[0] + np.float32(3e-3) * np.abs(rng.normal(size=(int(copies.sum()), m))).astype(np.float32)
+    shift, g, norms, spec, distances = _median_inputs(x)
+    upper = np.triu_indices(n, 1)
+    d32 = distances(g, norms, norms, None, None)[upper]
+    g64, n64, _ = gram.exact_gram(x, None, shift)
+    d64 = distances(g64, n64, n64, None, None)[upper]
+    unsure = gram.unsure_pairs(g, norms, norms, spec.error_bound, same=True)[upper]
+    expected = np.median(np.where(unsure, d64, d32))  # every unsure pair redone: accurate_gram's values
+    redone = _count_float64_redos(monkeypatch)
+    values = gram.median_deciding_values(x, shift, g.copy(), norms, spec.error_bound, distances)
+    assert values.shape == d32.shape
+    assert np.median(values) == pytest.approx(expected, rel=1e-12)
+    reference = np.median(reference_distances(x, "layer", "euclidean"))  # numpy/scipy, float64
+    assert np.median(values) == pytest.approx(reference, rel=DISTANCE_RTOL)
+    if near_share < 0.1:
+        assert unsure.sum() >= 1 and redone == []  # the near-duplicates are far below the median: not redone
+    else:
+        assert unsure.mean() > 0.5  # the median is among the unsure pairs: some are redone, not all rows
+        assert redone and redone[0] < n
+
+
+def test_median_deciding_values_redo_duplicates_below_float32_resolution(monkeypatch):
+    """A pair at distance 0 in float32 (an exact duplicate) has no finite bound, so no side: it is redone."""
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.normal(0.2, 1.0, size=(30, 2000)), 0).astype(np.float32)
+    x[7] = x[3]
+    shift, g, norms, spec, distances = _median_inputs(x)
+    redone = _count_float64_redos(monkeypatch)
+    values = gram.median_deciding_values(x, shift, g.copy(), norms, spec.error_bound, distances)
+    assert redone == [2]  # rows 3 and 7 only
+    assert np.median(values) == pytest.approx(np.median(reference_distances(x, "layer", "euclidean")),
+                                              rel=DISTANCE_RTOL)
+
+
+def test_median_deciding_values_leave_a_block_without_unsure_pairs_unchanged():
+    x = np.maximum(np.random.default_rng(8).normal(size=(40, 2000)), 0).astype(np.float32)
+    shift, g, norms, spec, distances = _median_inputs(x)
+    assert not gram.unsure_pairs(g, norms, norms, spec.error_bound, same=True).any()
+    values = gram.median_deciding_values(x, shift, g.copy(), norms, spec.error_bound, distances)
+    upper = np.triu_indices(40, 1)
+    assert np.array_equal(values, distances(g, norms, norms, None, None)[upper])
+
+
+def test_float16_rows_kept_until_the_gram_product_give_the_float32_numbers():
+    """A float16 set in one row block goes to the Gram product as float16 and is converted one column block at a time
+    (``_row_block(keep_float16=True)``, ``Shift.apply``): bit for bit what its float32 conversion gives."""
+    import cnndiff_xr as cx
+
+    rng = np.random.default_rng(9)
+    x = np.maximum(rng.normal(size=(40, 9000)), 0).astype(np.float16)
+    x[5] = x[4]  # an unsure pair
+    half = xr.DataArray(da.from_array(x, chunks=(15, -1)), dims=("image", "unit"), name="relu")
+    single = half.astype(np.float32)
+    for kwargs in (dict(n_units=[300, 5000], resamples=2), dict(n_units=[8000], resamples=1)):
+        a = cx.differentiation(half, **kwargs).values
+        b = cx.differentiation(single, **kwargs).values
+        assert a.tobytes() == b.tobytes(), kwargs
 
 
 @pytest.mark.parametrize("norm, metric", [c for c in COMBOS if c != ("none", "cosine")])

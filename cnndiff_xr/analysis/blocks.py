@@ -34,11 +34,14 @@ from .gram import (
     ROW_SUM,
     Shift,
     accurate_gram,
+    median_deciding_values,
+    one_pass,
     one_pass_gram,
     pooled_scale,
     row_stats,
     strip_rows,
     symmetrise,
+    upper_triangle,
 )
 from .graph import GraphBuilder, Key, block_keys, sum_parts
 from .metrics import DistanceSpec, distance_spec, never_degenerate
@@ -55,6 +58,7 @@ __all__ = [
     "iter_pair_values",
     "iter_upper_strips",
     "one_block_distances",
+    "one_block_median_values",
     "pairwise_distances",
 ]
 
@@ -220,10 +224,13 @@ def _gather_in_read(block: np.ndarray, plan: UnitPlan, _check: None, selected: n
     return _gather(block, rows, plan)
 
 
-def _row_block(parts: list[np.ndarray], positions: Sequence[np.ndarray], plan: UnitPlan, group: int) -> RowBlock:
+def _row_block(parts: list[np.ndarray], positions: Sequence[np.ndarray], plan: UnitPlan, group: int,
+               *, keep_float16: bool = False) -> RowBlock:
     """A row block from gathered chunks: one C-contiguous ``(rows, m)`` array per draw of
     the group, float32 (float64 and integer data: float64), converted once here rather than
-    in every statistic and product over it.
+    in every statistic and product over it. ``keep_float16``: float16 data stay float16, for a consumer whose
+    only pass over the block is a Gram product (:func:`~cnndiff_xr.analysis.gram.one_pass`), which converts each
+    column block in cache: a whole float32 copy per draw is written to memory and read back for nothing.
 
     Each draw is taken from every chunk's gathered union straight into its rows of the
     block, in the stored dtype (float16: half the bytes to move), and converted after: the
@@ -232,7 +239,8 @@ def _row_block(parts: list[np.ndarray], positions: Sequence[np.ndarray], plan: U
     sources = [p[_as_slice(i)] for p, i in zip(parts, positions, strict=True)]  # views where the rows are a range
     n = sum(src.shape[0] for src in sources)
     dtype = parts[0].dtype
-    kept = dtype in (np.float32, np.float64)  # taken arrays are the result; others are converted from a buffer
+    # taken arrays are the result; others are converted from a buffer
+    kept = dtype in (np.float32, np.float64) or (keep_float16 and dtype == np.float16)
     taken: np.ndarray | None = None
     out = []
     for d in range(n_draws):
@@ -360,16 +368,6 @@ def iter_pair_values(block_a: RowBlock, block_b: RowBlock, stats: GroupStats, pa
         yield d, upper_values(values, pair.same)
 
 
-def _upper_triangle(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``np.triu_indices(size, 1)``, kept per size: every strip of a diagonal pair takes the same one."""
-    if size not in _TRIANGLES:
-        _TRIANGLES[size] = np.triu_indices(size, 1)
-    return _TRIANGLES[size]
-
-
-_TRIANGLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
 def iter_upper_strips(block_a: RowBlock, block_b: RowBlock, stats: GroupStats, pair: BlockPair,
                       draws: Sequence[int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(draw, distances)`` for a pair of row blocks, strip by strip: every pair ``i < j`` exactly once, in
@@ -399,7 +397,7 @@ def iter_upper_strips(block_a: RowBlock, block_b: RowBlock, stats: GroupStats, p
             if pair.same:
                 square = spec.distances(g[lo:hi, lo:hi], norms_a[lo:hi], norms_a[lo:hi], m, sd=sd,
                                         degenerate_a=degenerate_a[lo:hi], degenerate_b=degenerate_a[lo:hi])
-                yield d, square[_upper_triangle(hi - lo)]
+                yield d, square[upper_triangle(hi - lo)]
                 if hi < n_b:
                     yield d, spec.distances(g[lo:hi, hi:], norms_a[lo:hi], norms_a[hi:], m, sd=sd,
                                             degenerate_a=degenerate_a[lo:hi], degenerate_b=degenerate_a[hi:])
@@ -437,6 +435,38 @@ def one_block_distances(parts: list[np.ndarray], plan: UnitPlan, block: OneBlock
     stats = _group_stats([_row_stats_task(rows, task.n_draws)], plan, task)
     whole = (0, rows[0].shape[0])
     yield from iter_distance_blocks(rows, rows, stats, BlockPair(whole, whole))
+
+
+def one_block_median_values(parts: list[np.ndarray], plan: UnitPlan, block: OneBlock
+                            ) -> Iterator[tuple[int, np.ndarray]]:
+    """:func:`one_block_distances` for a median: yields ``(draw, values)``, the pairs ``i < j`` whose median is the
+    median of that function's distances' upper triangle. Euclidean distances from squared norms (the default,
+    :attr:`~cnndiff_xr.analysis.metrics.DistanceSpec.one_pass`) redo in float64 only the pairs of nearly identical
+    rows that can decide the median (:func:`~cnndiff_xr.analysis.gram.median_deciding_values`): sets of
+    near-duplicate images (crops of one photograph, consecutive movie frames) otherwise spend much of their time
+    redoing pairs far below it. Their float16 rows go to the Gram product unconverted (converted there, column block
+    by column block). Other distances are :func:`one_block_distances`' values."""
+    task = block.group
+    spec = task.spec
+    if not spec.one_pass:
+        upper = upper_triangle(sum(rows.size for rows in block.positions))
+        for d, values in one_block_distances(parts, plan, block):
+            yield d, values[upper]
+        return
+    rows = _row_block(parts, block.positions, plan, task.plan_group, keep_float16=True)
+    for d in range(task.n_draws):
+        x = rows[d]
+        result = one_pass(x, redo=False)
+        if result is None:
+            raise _non_finite(~np.all(np.isfinite(x), axis=1), task.layer, task.name, task.samples)
+        g, norms, sd, shift = result
+        m = x.shape[1]
+
+        def distances(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, rows_a: Any, rows_b: Any,
+                      m: int = m, sd: float = sd) -> np.ndarray:
+            return spec.distances(g, norms_a, norms_b, m, sd=sd)
+
+        yield d, median_deciding_values(x, shift, g, norms, spec.error_bound, distances)
 
 
 # --------------------------------------------------------------------------- graph

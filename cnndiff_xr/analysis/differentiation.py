@@ -41,6 +41,7 @@ from .blocks import (
     build_groups,
     iter_pair_values,
     one_block_distances,
+    one_block_median_values,
 )
 from .collection import as_collection
 from .draws import DrawTable, UnitPlan, draw_table, make_plan
@@ -65,9 +66,13 @@ class OneBlockReduction:
 def _one_task_values(parts: list[np.ndarray], plan: UnitPlan, task: OneBlockReduction) -> np.ndarray:
     """Median or mean of every draw of a group that fits one row block: the whole group is one task."""
     out = np.empty(task.block.group.n_draws)
+    if task.reduction == "median":
+        for d, values in one_block_median_values(parts, plan, task.block):
+            out[d] = partition_median(values)
+        return out
     upper = np.triu_indices(sum(rows.size for rows in task.block.positions), 1)  # the same pairs for every draw
     for d, values in one_block_distances(parts, plan, task.block):
-        out[d] = partition_median(values[upper]) if task.reduction == "median" else values[upper].sum() / task.n_pairs
+        out[d] = values[upper].sum() / task.n_pairs
     return out
 
 

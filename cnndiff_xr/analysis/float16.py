@@ -30,13 +30,14 @@ def half_to_float(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     Both run in cache-sized pieces (``np.take`` first copies its indices to intp, 8 bytes
     per value: over a whole block that temporary costs more than the lookup). A 2-d ``x``
     (say a column slice of a row block) is converted a few whole rows at a time, without a
-    contiguous copy.
+    contiguous copy, into an ``out`` whose rows are contiguous (say a column slice of a buffer).
     """
     x = np.asarray(x)
     if out is None:
         out = np.empty(x.shape, np.float32)
-    if not out.flags.c_contiguous or out.shape != x.shape:
-        raise ValueError("half_to_float: out must be C-contiguous and of x's shape")
+    rows_ok = x.ndim == 2 and out.ndim == 2 and out.strides[1] == out.itemsize  # rows contiguous (a column slice)
+    if out.dtype != np.float32 or out.shape != x.shape or not (out.flags.c_contiguous or rows_ok):
+        raise ValueError("half_to_float: out must be float32 of x's shape, C-contiguous (2-d: each row contiguous)")
     if not x.size:
         return out
     bits = x.view(np.uint16)  # same item size: a view even of a strided x

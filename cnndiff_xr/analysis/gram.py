@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .float16 import half_to_float
+
 __all__ = [
     "DISTANCE_RTOL",
     "GRAM_BLOCK_COLUMNS",
@@ -43,6 +45,8 @@ __all__ = [
     "euclidean_error_bound",
     "exact_gram",
     "gram",
+    "median_deciding_values",
+    "one_pass",
     "one_pass_gram",
     "pooled_scale",
     "row_stats",
@@ -50,6 +54,7 @@ __all__ = [
     "strip_rows",
     "symmetrise",
     "unsure_pairs",
+    "upper_triangle",
 ]
 
 #: columns per float32 Gram product; the float32 rounding error of one block's dot products
@@ -62,6 +67,10 @@ DISTANCE_RTOL = 1e-5
 STRIP_BYTES = 2**19
 #: unit roundoff of float32
 _U32 = 2.0**-24
+#: :func:`median_deciding_values` takes a pair's distance to lie within this many of its error bounds of its float32
+#: value when it decides on which side of the median the pair is (the bound is probabilistic, Higham & Mary's, and
+#: the measured errors sit 25-60x below it)
+SIDE_MARGIN = 4.0
 
 #: rows of the per-row statistics array of :func:`row_stats`
 ROW_SUM, ROW_CSS, ROW_SQUARES, ROW_MIN, ROW_MAX = range(5)
@@ -155,9 +164,14 @@ class Shift:
 
     def apply(self, x: np.ndarray, cols: slice, out: np.ndarray) -> np.ndarray:
         """``out[:] = x[:, cols] - shift``: into a float32 ``out`` as :meth:`for_dtype` says,
-        into a float64 ``out`` in float64 (the exact products)."""
+        into a float64 ``out`` in float64 (the exact products). float16 ``x`` is converted into a float32 ``out``
+        first (exact; :func:`~cnndiff_xr.analysis.float16.half_to_float`), then shifted there, so a float16 row
+        block is converted one cache-sized column block at a time, never as a whole float32 copy: the same values
+        as shifting its float32 conversion."""
         scalar = np.ndim(self.common) == 0
         common = self.common if scalar else np.asarray(self.common)[cols]
+        if x.dtype == np.float16 and out.dtype == np.float32:
+            x, cols = half_to_float(x[:, cols], out=out), slice(None)
         in_float64 = x.dtype == np.float64 or out.dtype == np.float64
         if self.rows is None:
             work = np.float64 if in_float64 or (scalar and common != 0) else np.float32
@@ -400,6 +414,78 @@ def _redo_in_float64(xa: np.ndarray, xb: np.ndarray | None, shift_a: Shift, shif
     return g, norms_a, norms_b
 
 
+def upper_triangle(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.triu_indices(size, 1)``, kept per size (read-only): every draw of a set takes the same one."""
+    if size not in _TRIANGLES:
+        pair = np.triu_indices(size, 1)
+        for index in pair:
+            index.flags.writeable = False
+        _TRIANGLES[size] = pair
+    return _TRIANGLES[size]
+
+
+_TRIANGLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+#: ``distances(G, norms_a, norms_b, rows_a, rows_b)``: a Gram block of rows ``rows_a`` x ``rows_b`` (indices into
+#: the block) turned into distances
+BlockDistances = Callable[[np.ndarray, np.ndarray, np.ndarray, Any, Any], np.ndarray]
+
+
+def median_deciding_values(x: np.ndarray, shift: Shift, g: np.ndarray, norms: np.ndarray, bound: ErrorBound,
+                           distances: BlockDistances) -> np.ndarray:
+    """The Euclidean distances of the pairs ``i < j`` of the rows of ``x`` whose median is the median of
+    :func:`accurate_gram`'s, redoing in float64 only the pairs that can decide it.
+
+    ``g``, ``norms``: the symmetric :func:`gram` block of ``x`` with ``shift`` (float32 products, not redone);
+    ``bound``: :func:`euclidean_error_bound` (distances from squared norms, ``sqrt((n_i + n_j - 2 G_ij) / s)``:
+    the intervals below rely on its form). A pair whose bound exceeds :data:`DISTANCE_RTOL` (nearly identical
+    images) lies within ``SIDE_MARGIN`` bounds of its float32 distance (in squared distance). If that interval is
+    below every possible value of the lower middle rank, or above every possible value of the upper one (each found
+    by taking all such pairs at their interval's low, or high, end), the pair cannot be a middle value and any
+    value on its side gives the same median: it keeps its interval's end. The rest (the pairs that can decide the
+    median; usually none, as near-duplicates are far below it) are recomputed from a float64 Gram product of their
+    rows, as :func:`accurate_gram` does. So the median is that of every pair's distance within ``DISTANCE_RTOL``
+    of float64, at the cost of the float32 products only; a block without such pairs gives :func:`gram`'s values
+    unchanged. The values are for a median only: not distances.
+    """
+    upper = upper_triangle(g.shape[0])
+    values = distances(g, norms, norms, slice(None), slice(None))[upper]
+    unsure = unsure_pairs(g, norms, norms, bound, same=True)
+    if not unsure.any():
+        return values
+    where = np.flatnonzero(unsure[upper])
+    i, j = upper[0][where], upper[1][where]
+    first = np.unique(i)  # the bound of the rows that have an unsure pair only (elementwise: the same values)
+    rel = SIDE_MARGIN * bound(g[first], norms[first], norms)[np.searchsorted(first, i), j]
+    # the interval in squared distance, where the Euclidean bound is exact: ``n_i + n_j - 2 G_ij`` errs by at most
+    # ``2 rel d^2`` (a constant, eps (sqrt(n_i) + sqrt(n_j))^2), where ``d (1 +- rel)`` would fail as ``d`` -> 0; a
+    # pair whose bound is infinite (distance 0 in float32: duplicates below float32's resolution) is redone
+    squares = values[where] ** 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        width = 2.0 * rel * squares
+        known = np.isfinite(width)
+        low = np.where(known, np.sqrt(np.maximum(squares - width, 0.0)), 0.0)
+        high = np.where(known, np.sqrt(squares + width), np.inf)
+    k_low, k_high = (values.size - 1) // 2, values.size // 2
+    ends = values.copy()
+    ends[where] = low
+    floor = np.partition(ends, k_low)[k_low]  # at most the lower middle value, whatever the unsure pairs' values
+    ends[where] = high
+    ceiling = np.partition(ends, k_high)[k_high]  # at least the upper middle value
+    out = values
+    out[where] = np.where(high < floor, high, low)  # below: a value still below; above: a value still above
+    deciding = (high >= floor) & (low <= ceiling)
+    if deciding.any():
+        pairs = where[deciding]
+        i, j = i[deciding], j[deciding]
+        rows = np.union1d(i, j)
+        sub, sub_norms, _ = exact_gram(x[rows], None, shift.take_rows(rows))
+        exact = distances(sub, sub_norms, sub_norms, rows, rows)
+        out[pairs] = exact[np.searchsorted(rows, i), np.searchsorted(rows, j)]
+    return out
+
+
 # --------------------------------------------------------------------------- Gram sums -> distances
 def euclidean_distances(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, scale: float) -> np.ndarray:
     """``sqrt((n_i + n_j - 2 G_ij) / scale)``; all zero when ``scale`` is 0 (every sampled value equal)."""
@@ -439,17 +525,31 @@ def one_pass_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
     pass: shifted norms and column sums of ``y = x - c``, as
     ``sum (x - mu)^2 = sum_i |y_i|^2 + 2 (c - mu) . sum_i y_i + n |c - mu|^2``.
     """
+    result = one_pass(x, redo=True)
+    return None if result is None else result[:3]
+
+
+def one_pass(x: np.ndarray, *, redo: bool) -> tuple[np.ndarray, np.ndarray, float, Shift] | None:
+    """:func:`one_pass_gram`, with the shift it applied: ``(G, norms, sd, shift)``. ``redo=False``: the float32
+    products as they are (no float64 redo of nearly identical rows, :func:`median_deciding_values` does it where
+    the median needs it); the SD then comes from the float32 norms. ``x`` may be float16 (converted column block by
+    column block in the products, :meth:`Shift.apply`): the same numbers as its float32 conversion."""
     n, m = x.shape
     probe = x[:: max(1, n // 16)][:16]  # a view: up to 16 rows spread over the matrix
-    # any common vector will do, and it is rounded to float32 for float32 data anyway: summed in float32
+    # any common vector will do, and it is rounded to float32 for float32 data anyway: summed in float32 (float16
+    # rows are converted exactly and added row after row, as their float32 conversion's would be)
     centroid = np.add.reduce(probe, axis=0, dtype=np.float64 if x.dtype == np.float64 else np.float32)
     centroid /= probe.shape[0]  # probe.mean, without its per-call overhead (once per draw)
     shift = Shift(common=centroid.astype(np.float64)).for_dtype(x.dtype)
-    g, norms, _, column_sums = accurate_gram(x, None, shift, None, euclidean_error_bound, with_sums=True)
+    if redo:
+        g, norms, _, column_sums = accurate_gram(x, None, shift, None, euclidean_error_bound, with_sums=True)
+    else:
+        g, norms, _, column_sums = gram(x, None, shift, with_sums=True)
     if not (np.all(np.isfinite(norms)) and np.all(np.isfinite(column_sums))):
         return None
     offset = np.asarray(shift.common)
     mean = (column_sums.sum() / n + offset.sum()) / m
     dev = offset - mean
     sd = float(np.sqrt(max((norms.sum() + 2.0 * dev @ column_sums + n * (dev @ dev)) / (n * m), 0.0)))
-    return g, norms, sd
+    return g, norms, sd, shift
+

@@ -6,7 +6,9 @@ computation (:func:`~cnndiff_xr.analysis.blocks.iter_upper_strips`): **bit for b
 Three paths, by the size of the set:
 
 * a set in one row block: its distances are in one task, whose median is :func:`partition_median` (``np.median``
-  bit for bit, without its overhead);
+  bit for bit, without its overhead); Euclidean sets redo in float64 only the near-duplicate pairs that can decide
+  it (:func:`~cnndiff_xr.analysis.blocks.one_block_median_values`), the other paths every unsure pair, so their
+  medians agree to the distances' tolerance, not bit for bit;
 * a set whose pair distances fit in :data:`MEDIAN_IN_MEMORY_BYTES` (64 MiB, all draws; about 4,096 images for one
   draw): every pair task hands over its values, and one task takes :func:`numpy.median` of them ("collected");
 * larger sets: **one pass with a window** (:func:`add_median`). A seeded sample of the set's rows (at most
