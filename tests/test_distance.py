@@ -329,42 +329,41 @@ def test_only_ill_conditioned_pairs_are_recomputed_in_float64(monkeypatch):
 
 
 def _median_inputs(x: np.ndarray):
-    """The float32 Gram block of ``x`` (Euclidean, centroid shift, as a one-block set) and its distance function."""
+    """The float32 Gram block of ``x`` (Euclidean, centroid shift, as a one-block set), its distance function and the
+    scale of the layer-z-scored distances (the reference's)."""
     shift = gram.Shift(common=x.mean(axis=0, dtype=np.float64)).for_dtype(x.dtype)
     g, norms, _ = gram.gram(x, None, shift)
     spec = distance_spec("layer", "euclidean")
-    sd = float(np.std(x, dtype=np.float64))  # the layer SD: distances of the z-scored rows, as the reference's
+    sd = float(np.std(x, dtype=np.float64))
 
-    def distances(g_, na, nb, rows_a, rows_b):
+    def distances(g_, na, nb):
         return spec.distances(g_, na, nb, x.shape[1], sd=sd)
 
-    return shift, g, norms, spec, distances
+    return shift, g, norms, spec, distances, spec.squared_scale(x.shape[1], sd)
 
 
 @pytest.mark.parametrize("near_share", [0.02, 0.7])
-def test_median_deciding_values_redo_only_the_pairs_that_decide_the_median(monkeypatch, near_share):
+def test_euclidean_median_redoes_only_the_pairs_that_decide_it(monkeypatch, near_share):
     """Near-duplicates far below the median (a few crops of one photo in a set) are not redone; a set made mostly of
     near-duplicates (a still movie) redoes the ones around the median. Either way the median is that of every pair
     at its float32 distance, the unsure ones (bound > DISTANCE_RTOL) at their float64 distance."""
     rng = np.random.default_rng(7)
     n, m = 60, 3000
     x = np.maximum(rng.normal(0.2, 1.0, size=(n, m)), 0).astype(np.float32)
-    copies = rng.random(n) < near_share  # rows that are row 0 plus a tiny perturbation
+    copies = rng.random(n) < near_share  # rows that are row 0 plus a small perturbation
     copies[0] = False
     x[copies] = x[0] + np.float32(3e-3) * np.abs(rng.normal(size=(int(copies.sum()), m))).astype(np.float32)
-    shift, g, norms, spec, distances = _median_inputs(x)
+    shift, g, norms, spec, distances, scale = _median_inputs(x)
     upper = np.triu_indices(n, 1)
-    d32 = distances(g, norms, norms, None, None)[upper]
+    d32 = distances(g, norms, norms)[upper]
     g64, n64, _ = gram.exact_gram(x, None, shift)
-    d64 = distances(g64, n64, n64, None, None)[upper]
+    d64 = distances(g64, n64, n64)[upper]
     unsure = gram.unsure_pairs(g, norms, norms, spec.error_bound, same=True)[upper]
     expected = np.median(np.where(unsure, d64, d32))  # every unsure pair redone: accurate_gram's values
     redone = _count_float64_redos(monkeypatch)
-    values = gram.median_deciding_values(x, shift, g.copy(), norms, spec.error_bound, distances)
-    assert values.shape == d32.shape
-    assert np.median(values) == pytest.approx(expected, rel=1e-12)
-    reference = np.median(reference_distances(x, "layer", "euclidean"))  # numpy/scipy, float64
-    assert np.median(values) == pytest.approx(reference, rel=DISTANCE_RTOL)
+    got = gram.euclidean_median(x, shift, g, norms, scale)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got == pytest.approx(np.median(reference_distances(x, "layer", "euclidean")), rel=DISTANCE_RTOL)
     if near_share < 0.1:
         assert unsure.sum() >= 1 and redone == []  # the near-duplicates are far below the median: not redone
     else:
@@ -372,26 +371,26 @@ def test_median_deciding_values_redo_only_the_pairs_that_decide_the_median(monke
         assert redone and redone[0] < n
 
 
-def test_median_deciding_values_redo_duplicates_below_float32_resolution(monkeypatch):
+def test_euclidean_median_redoes_duplicates_below_float32_resolution(monkeypatch):
     """A pair at distance 0 in float32 (an exact duplicate) has no finite bound, so no side: it is redone."""
     rng = np.random.default_rng(3)
     x = np.maximum(rng.normal(0.2, 1.0, size=(30, 2000)), 0).astype(np.float32)
     x[7] = x[3]
-    shift, g, norms, spec, distances = _median_inputs(x)
+    shift, g, norms, spec, distances, scale = _median_inputs(x)
     redone = _count_float64_redos(monkeypatch)
-    values = gram.median_deciding_values(x, shift, g.copy(), norms, spec.error_bound, distances)
+    got = gram.euclidean_median(x, shift, g, norms, scale)
     assert redone == [2]  # rows 3 and 7 only
-    assert np.median(values) == pytest.approx(np.median(reference_distances(x, "layer", "euclidean")),
-                                              rel=DISTANCE_RTOL)
+    assert got == pytest.approx(np.median(reference_distances(x, "layer", "euclidean")), rel=DISTANCE_RTOL)
 
 
-def test_median_deciding_values_leave_a_block_without_unsure_pairs_unchanged():
-    x = np.maximum(np.random.default_rng(8).normal(size=(40, 2000)), 0).astype(np.float32)
-    shift, g, norms, spec, distances = _median_inputs(x)
+@pytest.mark.parametrize("n", [40, 41, 2])  # even and odd numbers of pairs, one pair
+def test_euclidean_median_of_a_block_without_unsure_pairs_is_partition_median_bit_for_bit(n):
+    x = np.maximum(np.random.default_rng(n).normal(size=(n, 2000)), 0).astype(np.float32)
+    shift, g, norms, spec, distances, scale = _median_inputs(x)
     assert not gram.unsure_pairs(g, norms, norms, spec.error_bound, same=True).any()
-    values = gram.median_deciding_values(x, shift, g.copy(), norms, spec.error_bound, distances)
-    upper = np.triu_indices(40, 1)
-    assert np.array_equal(values, distances(g, norms, norms, None, None)[upper])
+    expected = gram.partition_median(distances(g, norms, norms)[np.triu_indices(n, 1)])
+    assert gram.euclidean_median(x, shift, g, norms, scale) == expected
+    assert gram.euclidean_median(x, shift, g, norms, 0.0) == 0.0  # every sampled value equal: all distances 0
 
 
 def test_float16_rows_kept_until_the_gram_product_give_the_float32_numbers():

@@ -5,7 +5,7 @@ synthetic tree (every norm/metric pair, both reductions, per-filter and top draw
 paths, an RDM and an RDM regression) and on the real tiny-model store. A refactor that changes one bit fails here.
 
 Re-pinned on purpose (issue 14, twelfth session): the median of a Euclidean set in one row block redoes in float64 only
-the near-duplicate pairs that can decide it (``gram.median_deciding_values``), where every unsure pair's rows were
+the near-duplicate pairs that can decide it (``gram.euclidean_median``), where every unsure pair's rows were
 redone before (which also gave float64 norms to their other pairs and the layer SD): 36 of the synthetic and 20 of the
 tiny store's values moved, by at most 2.9e-8 relative; the other norms and metrics and the multi-block paths kept
 every bit.

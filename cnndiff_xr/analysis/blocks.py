@@ -34,9 +34,10 @@ from .gram import (
     ROW_SUM,
     Shift,
     accurate_gram,
-    median_deciding_values,
+    euclidean_median,
     one_pass,
     one_pass_gram,
+    partition_median,
     pooled_scale,
     row_stats,
     strip_rows,
@@ -58,7 +59,7 @@ __all__ = [
     "iter_pair_values",
     "iter_upper_strips",
     "one_block_distances",
-    "one_block_median_values",
+    "one_block_medians",
     "pairwise_distances",
 ]
 
@@ -437,21 +438,20 @@ def one_block_distances(parts: list[np.ndarray], plan: UnitPlan, block: OneBlock
     yield from iter_distance_blocks(rows, rows, stats, BlockPair(whole, whole))
 
 
-def one_block_median_values(parts: list[np.ndarray], plan: UnitPlan, block: OneBlock
-                            ) -> Iterator[tuple[int, np.ndarray]]:
-    """:func:`one_block_distances` for a median: yields ``(draw, values)``, the pairs ``i < j`` whose median is the
-    median of that function's distances' upper triangle. Euclidean distances from squared norms (the default,
-    :attr:`~cnndiff_xr.analysis.metrics.DistanceSpec.one_pass`) redo in float64 only the pairs of nearly identical
-    rows that can decide the median (:func:`~cnndiff_xr.analysis.gram.median_deciding_values`): sets of
-    near-duplicate images (crops of one photograph, consecutive movie frames) otherwise spend much of their time
-    redoing pairs far below it. Their float16 rows go to the Gram product unconverted (converted there, column block
-    by column block). Other distances are :func:`one_block_distances`' values."""
+def one_block_medians(parts: list[np.ndarray], plan: UnitPlan, block: OneBlock) -> Iterator[tuple[int, float]]:
+    """The median of the pair distances of every draw of a group that fits one row block: ``(draw, median)``, as
+    :func:`~cnndiff_xr.analysis.gram.partition_median` of :func:`one_block_distances`' upper triangle. Euclidean
+    distances from squared norms (the default, :attr:`~cnndiff_xr.analysis.metrics.DistanceSpec.one_pass`) find it
+    among the squared distances and redo in float64 only the pairs of nearly identical rows that can decide it
+    (:func:`~cnndiff_xr.analysis.gram.euclidean_median`): sets of near-duplicate images (crops of one photograph,
+    consecutive movie frames) otherwise spend much of their time redoing pairs far below it. Their float16 rows go
+    to the Gram product unconverted (converted there, column block by column block)."""
     task = block.group
     spec = task.spec
-    if not spec.one_pass:
+    if spec.squared_scale is None:
         upper = upper_triangle(sum(rows.size for rows in block.positions))
         for d, values in one_block_distances(parts, plan, block):
-            yield d, values[upper]
+            yield d, partition_median(values[upper])
         return
     rows = _row_block(parts, block.positions, plan, task.plan_group, keep_float16=True)
     for d in range(task.n_draws):
@@ -460,13 +460,7 @@ def one_block_median_values(parts: list[np.ndarray], plan: UnitPlan, block: OneB
         if result is None:
             raise _non_finite(~np.all(np.isfinite(x), axis=1), task.layer, task.name, task.samples)
         g, norms, sd, shift = result
-        m = x.shape[1]
-
-        def distances(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, rows_a: Any, rows_b: Any,
-                      m: int = m, sd: float = sd) -> np.ndarray:
-            return spec.distances(g, norms_a, norms_b, m, sd=sd)
-
-        yield d, median_deciding_values(x, shift, g, norms, spec.error_bound, distances)
+        yield d, euclidean_median(x, shift, g, norms, spec.squared_scale(x.shape[1], sd))
 
 
 # --------------------------------------------------------------------------- graph

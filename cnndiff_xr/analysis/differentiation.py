@@ -41,12 +41,12 @@ from .blocks import (
     build_groups,
     iter_pair_values,
     one_block_distances,
-    one_block_median_values,
+    one_block_medians,
 )
 from .collection import as_collection
 from .draws import DrawTable, UnitPlan, draw_table, make_plan
 from .graph import GraphBuilder, Key, sum_parts
-from .median import add_median, partition_median
+from .median import add_median
 from .metrics import distance_spec
 
 __all__ = ["DEFAULT_ANALYSIS_MEMORY", "MEMORY_CONFIG", "analysis_memory", "differentiation", "draw_groups"]
@@ -67,8 +67,8 @@ def _one_task_values(parts: list[np.ndarray], plan: UnitPlan, task: OneBlockRedu
     """Median or mean of every draw of a group that fits one row block: the whole group is one task."""
     out = np.empty(task.block.group.n_draws)
     if task.reduction == "median":
-        for d, values in one_block_median_values(parts, plan, task.block):
-            out[d] = partition_median(values)
+        for d, value in one_block_medians(parts, plan, task.block):
+            out[d] = value
         return out
     upper = np.triu_indices(sum(rows.size for rows in task.block.positions), 1)  # the same pairs for every draw
     for d, values in one_block_distances(parts, plan, task.block):

@@ -45,9 +45,10 @@ __all__ = [
     "euclidean_error_bound",
     "exact_gram",
     "gram",
-    "median_deciding_values",
+    "euclidean_median",
     "one_pass",
     "one_pass_gram",
+    "partition_median",
     "pooled_scale",
     "row_stats",
     "similarity_error_bound",
@@ -67,7 +68,7 @@ DISTANCE_RTOL = 1e-5
 STRIP_BYTES = 2**19
 #: unit roundoff of float32
 _U32 = 2.0**-24
-#: :func:`median_deciding_values` takes a pair's distance to lie within this many of its error bounds of its float32
+#: :func:`euclidean_median` takes a pair's distance to lie within this many of its error bounds of its float32
 #: value when it decides on which side of the median the pair is (the bound is probabilistic, Higham & Mary's, and
 #: the measured errors sit 25-60x below it)
 SIDE_MARGIN = 4.0
@@ -427,63 +428,77 @@ def upper_triangle(size: int) -> tuple[np.ndarray, np.ndarray]:
 _TRIANGLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
-#: ``distances(G, norms_a, norms_b, rows_a, rows_b)``: a Gram block of rows ``rows_a`` x ``rows_b`` (indices into
-#: the block) turned into distances
-BlockDistances = Callable[[np.ndarray, np.ndarray, np.ndarray, Any, Any], np.ndarray]
+def partition_median(values: np.ndarray) -> float:
+    """``np.median`` of finite values, bit for bit, without its checks and copies (per draw of many small sets)."""
+    k = values.size // 2
+    if values.size % 2:
+        return float(np.partition(values, k)[k])
+    low, high = np.partition(values, (k - 1, k))[k - 1 : k + 1]
+    return float(0.5 * (low + high))
 
 
-def median_deciding_values(x: np.ndarray, shift: Shift, g: np.ndarray, norms: np.ndarray, bound: ErrorBound,
-                           distances: BlockDistances) -> np.ndarray:
-    """The Euclidean distances of the pairs ``i < j`` of the rows of ``x`` whose median is the median of
-    :func:`accurate_gram`'s, redoing in float64 only the pairs that can decide it.
+def euclidean_median(x: np.ndarray, shift: Shift, g: np.ndarray, norms: np.ndarray, scale: float) -> float:
+    """The median of the Euclidean distances (:func:`euclidean_distances` with ``scale``) of the pairs ``i < j`` of
+    the rows of ``x``, as :func:`partition_median` of :func:`accurate_gram`'s distances would give it, redoing in
+    float64 only the pairs that can decide it.
 
-    ``g``, ``norms``: the symmetric :func:`gram` block of ``x`` with ``shift`` (float32 products, not redone);
-    ``bound``: :func:`euclidean_error_bound` (distances from squared norms, ``sqrt((n_i + n_j - 2 G_ij) / s)``:
-    the intervals below rely on its form). A pair whose bound exceeds :data:`DISTANCE_RTOL` (nearly identical
-    images) lies within ``SIDE_MARGIN`` bounds of its float32 distance (in squared distance). If that interval is
-    below every possible value of the lower middle rank, or above every possible value of the upper one (each found
-    by taking all such pairs at their interval's low, or high, end), the pair cannot be a middle value and any
-    value on its side gives the same median: it keeps its interval's end. The rest (the pairs that can decide the
-    median; usually none, as near-duplicates are far below it) are recomputed from a float64 Gram product of their
-    rows, as :func:`accurate_gram` does. So the median is that of every pair's distance within ``DISTANCE_RTOL``
-    of float64, at the cost of the float32 products only; a block without such pairs gives :func:`gram`'s values
-    unchanged. The values are for a median only: not distances.
+    ``g``, ``norms``: the symmetric :func:`gram` block of ``x`` with ``shift`` (float32 products, not redone). The
+    distance is a non-decreasing function of ``d^2 = n_i + n_j - 2 G_ij``, so the middle pairs are found among the
+    ``d^2`` and only they are turned into distances (no pass of square roots over every pair). A pair whose
+    :func:`euclidean_error_bound` exceeds :data:`DISTANCE_RTOL` (nearly identical images) has its ``d^2`` within
+    ``SIDE_MARGIN`` times that bound's absolute form (``eps (sqrt(n_i) + sqrt(n_j))^2``, exact for the Euclidean
+    form). If that interval is below every possible value of the lower middle rank, or above every possible value of
+    the upper one (each found by taking all such pairs at their interval's low, or high, end), the pair cannot be a
+    middle value and any value on its side gives the same median: it keeps its interval's end. The rest (the pairs
+    that can decide the median; usually none, as near-duplicates are far below it), and the pairs at ``d^2 <= 0`` in
+    float32, whose bound is infinite, are recomputed from a float64 Gram product of their rows, as
+    :func:`accurate_gram` does. So the median is that of distances each within ``DISTANCE_RTOL`` of float64, at the
+    cost of the float32 products; a block without such pairs gives :func:`gram`'s median unchanged.
     """
     upper = upper_triangle(g.shape[0])
-    values = distances(g, norms, norms, slice(None), slice(None))[upper]
-    unsure = unsure_pairs(g, norms, norms, bound, same=True)
-    if not unsure.any():
-        return values
-    where = np.flatnonzero(unsure[upper])
-    i, j = upper[0][where], upper[1][where]
-    first = np.unique(i)  # the bound of the rows that have an unsure pair only (elementwise: the same values)
-    rel = SIDE_MARGIN * bound(g[first], norms[first], norms)[np.searchsorted(first, i), j]
-    # the interval in squared distance, where the Euclidean bound is exact: ``n_i + n_j - 2 G_ij`` errs by at most
-    # ``2 rel d^2`` (a constant, eps (sqrt(n_i) + sqrt(n_j))^2), where ``d (1 +- rel)`` would fail as ``d`` -> 0; a
-    # pair whose bound is infinite (distance 0 in float32: duplicates below float32's resolution) is redone
-    squares = values[where] ** 2
-    with np.errstate(invalid="ignore", over="ignore"):
-        width = 2.0 * rel * squares
+    if not upper[0].size:
+        return float("nan")
+    squares = (norms[:, None] + norms[None, :] - 2.0 * g)[upper]  # the expression of euclidean_distances and bound
+    k_low, k_high = (squares.size - 1) // 2, squares.size // 2
+    # a pair whose bound exceeds DISTANCE_RTOL has d^2 < eps (r_i + r_j)^2 / (2 DISTANCE_RTOL) <= this (r: root norm)
+    most = _eps() * 4.0 * max(float(norms.max()), 0.0) / (2.0 * DISTANCE_RTOL) * (1.0 + 1e-6)
+    candidates = np.flatnonzero(squares <= most)
+    if candidates.size:
+        i, j = upper[0][candidates], upper[1][candidates]
+        first = np.unique(i)  # the bound of those pairs' rows only (elementwise: the same values as the whole block's)
+        rel = euclidean_error_bound(g[first], norms[first], norms)[np.searchsorted(first, i), j]
+        unsure = rel > DISTANCE_RTOL
+        candidates, rel, i, j = candidates[unsure], rel[unsure], i[unsure], j[unsure]
+    if candidates.size:
+        near = squares[candidates]
+        with np.errstate(invalid="ignore", over="ignore"):
+            width = SIDE_MARGIN * 2.0 * rel * near  # 2 rel d^2: the bound's absolute error of d^2, eps (r_i + r_j)^2
         known = np.isfinite(width)
-        low = np.where(known, np.sqrt(np.maximum(squares - width, 0.0)), 0.0)
-        high = np.where(known, np.sqrt(squares + width), np.inf)
-    k_low, k_high = (values.size - 1) // 2, values.size // 2
-    ends = values.copy()
-    ends[where] = low
-    floor = np.partition(ends, k_low)[k_low]  # at most the lower middle value, whatever the unsure pairs' values
-    ends[where] = high
-    ceiling = np.partition(ends, k_high)[k_high]  # at least the upper middle value
-    out = values
-    out[where] = np.where(high < floor, high, low)  # below: a value still below; above: a value still above
-    deciding = (high >= floor) & (low <= ceiling)
-    if deciding.any():
-        pairs = where[deciding]
-        i, j = i[deciding], j[deciding]
-        rows = np.union1d(i, j)
-        sub, sub_norms, _ = exact_gram(x[rows], None, shift.take_rows(rows))
-        exact = distances(sub, sub_norms, sub_norms, rows, rows)
-        out[pairs] = exact[np.searchsorted(rows, i), np.searchsorted(rows, j)]
-    return out
+        low = np.where(known, near - width, -np.inf)
+        high = np.where(known, near + width, np.inf)
+        ends = squares.copy()
+        ends[candidates] = low
+        floor = np.partition(ends, k_low)[k_low]  # at most the lower middle value, whatever the unsure pairs' values
+        ends[candidates] = high
+        ceiling = np.partition(ends, k_high)[k_high]  # at least the upper middle value
+        squares[candidates] = np.where(high < floor, high, low)  # below: a value still below; above: still above
+        deciding = (high >= floor) & (low <= ceiling)
+        if deciding.any():
+            i, j = i[deciding], j[deciding]
+            rows = np.union1d(i, j)
+            sub, sub_norms, _ = exact_gram(x[rows], None, shift.take_rows(rows))
+            a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
+            squares[candidates[deciding]] = sub_norms[a] + sub_norms[b] - 2.0 * sub[a, b]
+    middle = np.partition(squares, (k_low, k_high))
+    low_d, high_d = (_euclidean(middle[k], scale) for k in (k_low, k_high))
+    return float(low_d) if squares.size % 2 else float(0.5 * (low_d + high_d))
+
+
+def _euclidean(square: np.floating, scale: float) -> np.floating:
+    """One value of :func:`euclidean_distances` (+0.0, as the distance specs give it) from its ``d^2``."""
+    if scale == 0:
+        return np.float64(0.0)
+    return np.sqrt(np.maximum(square, 0.0) / scale) + 0.0
 
 
 # --------------------------------------------------------------------------- Gram sums -> distances
@@ -531,7 +546,7 @@ def one_pass_gram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
 
 def one_pass(x: np.ndarray, *, redo: bool) -> tuple[np.ndarray, np.ndarray, float, Shift] | None:
     """:func:`one_pass_gram`, with the shift it applied: ``(G, norms, sd, shift)``. ``redo=False``: the float32
-    products as they are (no float64 redo of nearly identical rows, :func:`median_deciding_values` does it where
+    products as they are (no float64 redo of nearly identical rows, :func:`euclidean_median` does it where
     the median needs it); the SD then comes from the float32 norms. ``x`` may be float16 (converted column block by
     column block in the products, :meth:`Shift.apply`): the same numbers as its float32 conversion."""
     n, m = x.shape

@@ -7,7 +7,7 @@ Three paths, by the size of the set:
 
 * a set in one row block: its distances are in one task, whose median is :func:`partition_median` (``np.median``
   bit for bit, without its overhead); Euclidean sets redo in float64 only the near-duplicate pairs that can decide
-  it (:func:`~cnndiff_xr.analysis.blocks.one_block_median_values`), the other paths every unsure pair, so their
+  it (:func:`~cnndiff_xr.analysis.blocks.one_block_medians`), the other paths every unsure pair, so their
   medians agree to the distances' tolerance, not bit for bit;
 * a set whose pair distances fit in :data:`MEDIAN_IN_MEMORY_BYTES` (64 MiB, all draws; about 4,096 images for one
   draw): every pair task hands over its values, and one task takes :func:`numpy.median` of them ("collected");
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blocks import BlockPair, GroupBlocks, GroupStats, RowBlock, iter_upper_strips
-from .gram import accurate_gram
+from .gram import accurate_gram, partition_median
 from .graph import GraphBuilder, Key
 
 __all__ = [
@@ -69,15 +69,6 @@ MEDIAN_WINDOW_BYTES = 256 * 2**20
 #: the fallback's histogram bins: the high 20 bits of a float32 pattern (sign, exponent and 11 mantissa bits)
 _KEY_SHIFT = 12
 _KEY_BINS = 1 << (32 - _KEY_SHIFT)
-
-
-def partition_median(values: np.ndarray) -> float:
-    """``np.median`` of finite values, bit for bit, without its checks and copies (per draw of many small sets)."""
-    k = values.size // 2
-    if values.size % 2:
-        return float(np.partition(values, k)[k])
-    low, high = np.partition(values, (k - 1, k))[k - 1 : k + 1]
-    return float(0.5 * (low + high))
 
 
 def _middle_ranks(n_pairs: int) -> tuple[int, int]:
