@@ -321,11 +321,15 @@ def euclidean_error_bound(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarra
     the measured errors sit 25-60x below this bound (the tests assert they stay
     below it). It is large only where the distance is tiny against the norms -- near-duplicate images.
     """
-    eps = _eps()
     ra, rb = np.sqrt(np.maximum(norms_a, 0.0)), np.sqrt(np.maximum(norms_b, 0.0))
+    return _euclidean_bound(norms_a[:, None] + norms_b[None, :] - 2.0 * g, ra[:, None], rb[None, :])
+
+
+def _euclidean_bound(d2: np.ndarray, root_a: np.ndarray, root_b: np.ndarray) -> np.ndarray:
+    """:func:`euclidean_error_bound` from ``d^2`` and the root norms, elementwise (whole blocks or chosen pairs)."""
+    eps = _eps()
     with np.errstate(divide="ignore", invalid="ignore"):
-        d2 = norms_a[:, None] + norms_b[None, :] - 2.0 * g
-        spread = (ra[:, None] + rb[None, :]) ** 2
+        spread = (root_a + root_b) ** 2
         bound = np.where(d2 > 0, eps * spread / (2.0 * d2), np.inf)
         bound[spread == 0] = 0.0  # both shifted vectors exactly zero: distance exactly 0
     return bound
@@ -465,8 +469,8 @@ def euclidean_median(x: np.ndarray, shift: Shift, g: np.ndarray, norms: np.ndarr
     candidates = np.flatnonzero(squares <= most)
     if candidates.size:
         i, j = upper[0][candidates], upper[1][candidates]
-        first = np.unique(i)  # the bound of those pairs' rows only (elementwise: the same values as the whole block's)
-        rel = euclidean_error_bound(g[first], norms[first], norms)[np.searchsorted(first, i), j]
+        root = np.sqrt(np.maximum(norms, 0.0))
+        rel = _euclidean_bound(squares[candidates], root[i], root[j])  # the block's bound at these pairs, bit for bit
         unsure = rel > DISTANCE_RTOL
         candidates, rel, i, j = candidates[unsure], rel[unsure], i[unsure], j[unsure]
     if candidates.size:
@@ -551,8 +555,9 @@ def one_pass(x: np.ndarray, *, redo: bool) -> tuple[np.ndarray, np.ndarray, floa
     column block in the products, :meth:`Shift.apply`): the same numbers as its float32 conversion."""
     n, m = x.shape
     probe = x[:: max(1, n // 16)][:16]  # a view: up to 16 rows spread over the matrix
-    # any common vector will do, and it is rounded to float32 for float32 data anyway: summed in float32 (float16
-    # rows are converted exactly and added row after row, as their float32 conversion's would be)
+    if probe.dtype == np.float16:
+        probe = half_to_float(probe)  # numpy's cast inside a reduction is several times slower and holds the GIL
+    # any common vector will do, and it is rounded to float32 for float32 data anyway: summed in float32
     centroid = np.add.reduce(probe, axis=0, dtype=np.float64 if x.dtype == np.float64 else np.float32)
     centroid /= probe.shape[0]  # probe.mean, without its per-call overhead (once per draw)
     shift = Shift(common=centroid.astype(np.float64)).for_dtype(x.dtype)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -264,7 +265,7 @@ class _LocalChunkFiles:
                     return None
                 data = data[:-4]
             values = np.frombuffer(self.decode(data), self.dtype)
-            return values.reshape(self.chunks) if values.size == int(np.prod(self.chunks)) else None
+            return values.reshape(self.chunks) if values.size == math.prod(self.chunks) else None
         except Exception:  # missing, unreadable or undecodable: zarr decides (fill value or its error)
             return None
 
