@@ -43,9 +43,9 @@ __all__ = [
     "cosine_similarity",
     "euclidean_distances",
     "euclidean_error_bound",
+    "euclidean_median",
     "exact_gram",
     "gram",
-    "euclidean_median",
     "one_pass",
     "one_pass_gram",
     "partition_median",
@@ -572,4 +572,3 @@ def one_pass(x: np.ndarray, *, redo: bool) -> tuple[np.ndarray, np.ndarray, floa
     dev = offset - mean
     sd = float(np.sqrt(max((norms.sum() + 2.0 * dev @ column_sums + n * (dev @ dev)) / (n * m), 0.0)))
     return g, norms, sd, shift
-
