@@ -45,6 +45,7 @@ from .blocks import (
 )
 from .collection import as_collection
 from .draws import DrawTable, UnitPlan, draw_table, make_plan
+from .gram import upper_triangle
 from .graph import GraphBuilder, Key, sum_parts
 from .median import add_median
 from .metrics import distance_spec
@@ -70,7 +71,7 @@ def _one_task_values(parts: list[np.ndarray], plan: UnitPlan, task: OneBlockRedu
         for d, value in one_block_medians(parts, plan, task.block):
             out[d] = value
         return out
-    upper = np.triu_indices(sum(rows.size for rows in task.block.positions), 1)  # the same pairs for every draw
+    upper = upper_triangle(sum(rows.size for rows in task.block.positions))  # the same pairs for every draw
     for d, values in one_block_distances(parts, plan, task.block):
         out[d] = values[upper].sum() / task.n_pairs
     return out

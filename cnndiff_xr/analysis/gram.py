@@ -322,7 +322,7 @@ def euclidean_error_bound(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarra
     below it). It is large only where the distance is tiny against the norms -- near-duplicate images.
     """
     ra, rb = np.sqrt(np.maximum(norms_a, 0.0)), np.sqrt(np.maximum(norms_b, 0.0))
-    return _euclidean_bound(norms_a[:, None] + norms_b[None, :] - 2.0 * g, ra[:, None], rb[None, :])
+    return _euclidean_bound(_squared_distances(g, norms_a, norms_b), ra[:, None], rb[None, :])
 
 
 def _euclidean_bound(d2: np.ndarray, root_a: np.ndarray, root_b: np.ndarray) -> np.ndarray:
@@ -462,7 +462,7 @@ def euclidean_median(x: np.ndarray, shift: Shift, g: np.ndarray, norms: np.ndarr
     upper = upper_triangle(g.shape[0])
     if not upper[0].size:
         return float("nan")
-    squares = (norms[:, None] + norms[None, :] - 2.0 * g)[upper]  # the expression of euclidean_distances and bound
+    squares = _squared_distances(g, norms, norms)[upper]  # as euclidean_distances and the bound compute them
     k_low, k_high = (squares.size - 1) // 2, squares.size // 2
     # a pair whose bound exceeds DISTANCE_RTOL has d^2 < eps (r_i + r_j)^2 / (2 DISTANCE_RTOL) <= this (r: root norm)
     most = _eps() * 4.0 * max(float(norms.max()), 0.0) / (2.0 * DISTANCE_RTOL) * (1.0 + 1e-6)
@@ -493,22 +493,25 @@ def euclidean_median(x: np.ndarray, shift: Shift, g: np.ndarray, norms: np.ndarr
             sub, sub_norms, _ = exact_gram(x[rows], None, shift.take_rows(rows))
             a, b = np.searchsorted(rows, i), np.searchsorted(rows, j)
             squares[candidates[deciding]] = sub_norms[a] + sub_norms[b] - 2.0 * sub[a, b]
-    middle = np.partition(squares, (k_low, k_high))
-    low_d, high_d = (_euclidean(middle[k], scale) for k in (k_low, k_high))
+    # the middle values as distances, exactly as euclidean_distances (+0.0, as the distance specs) gives them
+    low_d, high_d = _distances_from_squares(np.partition(squares, (k_low, k_high))[[k_low, k_high]], scale) + 0.0
     return float(low_d) if squares.size % 2 else float(0.5 * (low_d + high_d))
-
-
-def _euclidean(square: np.floating, scale: float) -> np.floating:
-    """One value of :func:`euclidean_distances` (+0.0, as the distance specs give it) from its ``d^2``."""
-    if scale == 0:
-        return np.float64(0.0)
-    return np.sqrt(np.maximum(square, 0.0) / scale) + 0.0
 
 
 # --------------------------------------------------------------------------- Gram sums -> distances
 def euclidean_distances(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray, scale: float) -> np.ndarray:
     """``sqrt((n_i + n_j - 2 G_ij) / scale)``; all zero when ``scale`` is 0 (every sampled value equal)."""
-    d2 = norms_a[:, None] + norms_b[None, :] - 2.0 * g
+    return _distances_from_squares(_squared_distances(g, norms_a, norms_b), scale)
+
+
+def _squared_distances(g: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray) -> np.ndarray:
+    """``n_i + n_j - 2 G_ij`` (a new array): the one expression the distances, their bound and the median share."""
+    out: np.ndarray = norms_a[:, None] + norms_b[None, :] - 2.0 * g
+    return out
+
+
+def _distances_from_squares(d2: np.ndarray, scale: float) -> np.ndarray:
+    """``sqrt(max(d2, 0) / scale)``, clipping ``d2`` in place; all zero when ``scale`` is 0."""
     np.maximum(d2, 0.0, out=d2)
     if scale == 0:  # all sampled values equal: identical vectors
         return np.zeros_like(d2)
