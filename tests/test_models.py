@@ -69,6 +69,18 @@ def test_random_weights_are_seeded():
     digest = models.weights_digest(first)
     assert models.weights_digest(models.make_spec("vgg16", weights=None, seed=3).build()) == digest
     assert models.weights_digest(models.make_spec("vgg16", weights=None, seed=4).build()) != digest
+    # the digest stores record: sha256 over each weight's path, shape and dtype, then its bytes (a store made before
+    # the digest was computed faster must still match its rerun)
+    import hashlib
+
+    import keras
+
+    plain = hashlib.sha256()
+    for weight in first.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        plain.update(f"{weight.path}:{value.shape}:{value.dtype}".encode())
+        plain.update(value.tobytes())
+    assert digest == plain.hexdigest()
 
 
 def test_imagenet_weights_unavailable_offline(tmp_path, monkeypatch):

@@ -42,10 +42,8 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import scipy.signal
 import xarray as xr
 from dask.base import tokenize
-from scipy.spatial.distance import pdist
 
 from ..options import REDUCTIONS, SPECTRAL_SCALES, UNIT_TYPES, Reduction, SpectralScale, UnitType
 from ..schema import FILTER_DIM, IMAGE_DIM, SET_COORD
@@ -147,6 +145,8 @@ def taper_window(taper: Any, n: int) -> np.ndarray | None:
     taper (the reference code's main analysis: a rectangular window)."""
     if taper is None:
         return None
+    import scipy.signal  # here, not at the top: ~0.7 s to import, which every process importing cnndiff_xr paid
+
     try:
         values = np.asarray(scipy.signal.get_window(taper, n), dtype=np.float64)
     except (ValueError, TypeError) as error:
@@ -193,6 +193,8 @@ def state_distances(x: np.ndarray, spw: int, taper: np.ndarray | None = None, *,
     """The condensed pairwise Euclidean distances (``pdist`` order) between the spectral states of ``x``
     ``(n_windows * spw, units)``: the squared distances of blocks of units are summed in float64, so only a block's
     spectra are held at a time; equal to ``pdist(states)`` but for the order of the sums."""
+    from scipy.spatial.distance import pdist  # here: scipy.spatial is slow to import, and few processes need it
+
     n_windows = x.shape[0] // spw
     n_freq = spw // 2 + 1
     units = x.shape[1]

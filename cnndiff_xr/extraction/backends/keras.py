@@ -148,10 +148,14 @@ def weights_digest(model: Any) -> str:
     """sha256 over every weight array of ``model`` (shape, dtype and bytes): the identity of the weights a store was
     made with, whatever file or seed they came from."""
     digest = hashlib.sha256()
+    keras = _keras()
+    # TensorFlow: the variable's tensor as numpy directly (VGG16: 0.2 s, where keras.ops.convert_to_numpy's first
+    # pass over fresh weights takes ~2 s); the same bytes, so the digests of existing stores still match
+    tensorflow = keras.backend.backend() == "tensorflow"
     for weight in model.weights:
-        value = np.ascontiguousarray(_keras().ops.convert_to_numpy(weight))
+        value = np.ascontiguousarray(np.asarray(weight.value) if tensorflow else keras.ops.convert_to_numpy(weight))
         digest.update(f"{weight.path}:{value.shape}:{value.dtype}".encode())
-        digest.update(value.tobytes())
+        digest.update(value.data)  # the array's own buffer: tobytes() copied every weight once more (VGG16: 0.5 GB)
     return digest.hexdigest()
 
 
