@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -117,6 +118,40 @@ def test_resume_after_failed_batch(tmp_path, local_client, tiny_model):
     for name in TINY_LAYERS:
         xr.testing.assert_identical(resumed[name]["activation"].load(), reference[name]["activation"].load())
     assert bool(resumed["completed"].all())
+
+
+def test_a_new_stores_model_is_set_up_on_the_workers_while_its_layout_is_written(tmp_path, local_client, tiny_model,
+                                                                                 monkeypatch):
+    """The workers build the model (a framework import and a build each: seconds, ~10 s for VGG16) while the client
+    writes a new store's layout, not after it; a layout that fails waits for that setup to end and raises its own
+    error, leaving nothing running."""
+    from cnndiff_xr.extraction import run
+
+    def registering() -> bool:
+        return any(t.name == "cnndiff-register-model" for t in threading.enumerate())
+
+    seen = []
+    create_store = store.create_store
+
+    def watched(*args, **kwargs):
+        seen.append(registering())
+        return create_store(*args, **kwargs)
+
+    monkeypatch.setattr(run._store, "create_store", watched)
+    sets = {"noise": cx.images.white_noise(4, seed=2, size=(TINY_SIZE, TINY_SIZE))}
+    tree = cx.extract(sets, store=str(tmp_path / "a.zarr"), model=tiny_model, preprocess=tiny_preprocess(),
+                      client=local_client, batch_size=2, progress=False)
+    assert seen == [True] and bool(tree["completed"].all())
+    assert not registering()
+
+    def failing(*args, **kwargs):
+        raise OSError("injected: the layout could not be written")
+
+    monkeypatch.setattr(run._store, "create_store", failing)
+    with pytest.raises(OSError, match="injected"):
+        cx.extract(sets, store=str(tmp_path / "b.zarr"), model=tiny_model, preprocess=tiny_preprocess(),
+                   client=local_client, batch_size=2, progress=False)
+    assert not registering()
 
 
 class _FailOnMarker:

@@ -66,6 +66,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -247,8 +248,9 @@ def _disk_full_reported(store: str, start: int, stop: int) -> Iterator[None]:
 
 @dataclasses.dataclass
 class ExtractionReport:
-    """What a run did: counts, the time to load the model on the workers, and throughput (images per second over
-    the batches: decode, forward pass, compression and writes)."""
+    """What a run did: counts, the time to load the model on the workers (for a new store, partly while its layout
+    was written), and throughput (images per second over the batches: decode, forward pass, compression and
+    writes)."""
 
     store: str
     n_images: int
@@ -503,6 +505,32 @@ def _register_plugin(client: Client, plugin: ModelPlugin) -> None:
             if attempt == PLUGIN_ATTEMPTS or _scheduler_lost(client, err):
                 raise
             logger.warning("a worker was lost while the model was set up (%s); registering it again", err)
+
+
+class _Registration:
+    """:func:`_register_plugin` in a background thread, started while the client writes a new store's layout: the
+    workers build the model (VGG16: ~10 s on two cores) while the layout of dozens of arrays is written (~3 s), and
+    neither needs the other. :meth:`wait` re-raises what the registration raised. A daemon thread: an interrupted
+    run never waits for it at exit."""
+
+    def __init__(self, client: Client, plugin: ModelPlugin) -> None:
+        self._error: BaseException | None = None
+        self.started = time.perf_counter()
+        self._thread = threading.Thread(target=self._register, args=(client, plugin), daemon=True,
+                                        name="cnndiff-register-model")
+        self._thread.start()
+
+    def _register(self, client: Client, plugin: ModelPlugin) -> None:
+        try:
+            _register_plugin(client, plugin)
+        except BaseException as err:  # re-raised by wait(), in the caller's thread
+            self._error = err
+
+    def wait(self) -> None:
+        """Until the model is set up on every worker; raises what the registration raised."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _disk_full_now(task: BatchTask, error: DiskFullError, n_images: int, image_nbytes: int) -> DiskFullError:
@@ -906,6 +934,11 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig,
             _scheduler_loss_reported(client, url, options):
         table, skipped = _screen_images(client, table, config.on_error)
         attrs[SKIPPED_ATTR] = skipped
+        # the model is built on every worker while registering
+        # with the digest the store records: each worker checks that it built the same weights
+        plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction,
+                             weights_sha256=attrs["weights_sha256"])
+        registration: _Registration | None = None
         if _store.exists(url, storage_options=options):
             existing = _store.read_attrs(url, storage_options=options)
             kept = _store.check_compatible(url, existing, identity=identity(attrs), table=table,
@@ -928,23 +961,24 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig,
             tree, encoding = _store.build_layout(table, shapes, attrs=attrs, dtype=config.dtype, batch_size=batch_size,
                                                  compressor=config.codec(), with_predictions=with_predictions,
                                                  filter_labels=filter_labels, reduction=config.reduction)
+            # every batch of a new store is missing: the workers build the model while the layout is written
+            registration = _Registration(client, plugin) if len(table) else None
             try:
                 _store.create_store(tree, encoding, url, storage_options=options)
             except Exception as err:
+                if registration is not None:  # not left running against a cluster about to close
+                    with contextlib.suppress(Exception):
+                        registration.wait()
                 if disk_full_cause(err) is not None:
                     _remove_half_made_layout(url, options)
                 raise
             repair = False  # a new store: nothing to repair
         if repair:  # batches holding damaged chunks marked incomplete: the resume below re-extracts exactly them
             _mark_damaged(client, url, options, say)
-        # the model is built on every worker while registering
-        # with the digest the store records: each worker checks that it built the same weights
-        plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction,
-                             weights_sha256=attrs["weights_sha256"])
         task = BatchTask(store=url, storage_options=options, store_id=store_id, plugin=plugin.name,
                          resize=config.resize, dtype=config.dtype, with_predictions=with_predictions)
         report = _run_batches(client, task, plugin, table, batch_size=batch_size, progress=config.progress,
-                              skipped=skipped, image_nbytes=image_nbytes)
+                              skipped=skipped, image_nbytes=image_nbytes, registration=registration)
     if with_predictions:
         _finalise_predictions(url, layers, labels, options)
     say(f"extracted {report.images_computed} images in {report.seconds:.1f} s "
@@ -965,10 +999,13 @@ def _mark_damaged(client: Client, url: str, storage_options: Mapping[str, Any] |
 
 
 def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: images.ImageTable, *, batch_size: int,
-                 progress: bool, skipped: list[dict[str, str]], image_nbytes: int = 0) -> ExtractionReport:
+                 progress: bool, skipped: list[dict[str, str]], image_nbytes: int = 0,
+                 registration: _Registration | None = None) -> ExtractionReport:
     """Submit one task per batch not yet complete, wait for all, and report (or raise naming the first failure).
 
-    ``image_nbytes``: one image's uncompressed bytes in the store, for a full disk's estimate of what is needed."""
+    ``image_nbytes``: one image's uncompressed bytes in the store, for a full disk's estimate of what is needed.
+    ``registration``: the plugin's registration, already started (a new store); else it is registered here when a
+    batch is missing."""
     from distributed import as_completed
     from tqdm.std import tqdm  # a text bar: tqdm.auto warns "IProgress not found" in notebooks without ipywidgets
 
@@ -976,7 +1013,10 @@ def _run_batches(client: Client, task: BatchTask, plugin: ModelPlugin, table: im
     starts = list(range(0, len(table), batch_size))
     missing = [s for s in starts if not done[s:s + batch_size].all()]
     t_load = time.perf_counter()
-    if missing:
+    if registration is not None:
+        t_load = registration.started  # the model's setup began before the layout was written
+        registration.wait()
+    elif missing:
         _register_plugin(client, plugin)
     t0 = time.perf_counter()
     # Keys are deterministic per (store, batch, model): two stores extracted at once on one cluster never share a
