@@ -125,7 +125,6 @@ def test_a_new_stores_model_is_set_up_on_the_workers_while_its_layout_is_written
     """The workers build the model (a framework import and a build each: seconds, ~10 s for VGG16) while the client
     writes a new store's layout, not after it; a layout that fails waits for that setup to end and raises its own
     error, leaving nothing running."""
-    from cnndiff_xr.extraction import run
 
     def registering() -> bool:
         return any(t.name == "cnndiff-register-model" for t in threading.enumerate())
@@ -137,7 +136,7 @@ def test_a_new_stores_model_is_set_up_on_the_workers_while_its_layout_is_written
         seen.append(registering())
         return create_store(*args, **kwargs)
 
-    monkeypatch.setattr(run._store, "create_store", watched)
+    monkeypatch.setattr(store, "create_store", watched)
     sets = {"noise": cx.images.white_noise(4, seed=2, size=(TINY_SIZE, TINY_SIZE))}
     tree = cx.extract(sets, store=str(tmp_path / "a.zarr"), model=tiny_model, preprocess=tiny_preprocess(),
                       client=local_client, batch_size=2, progress=False)
@@ -147,7 +146,7 @@ def test_a_new_stores_model_is_set_up_on_the_workers_while_its_layout_is_written
     def failing(*args, **kwargs):
         raise OSError("injected: the layout could not be written")
 
-    monkeypatch.setattr(run._store, "create_store", failing)
+    monkeypatch.setattr(store, "create_store", failing)
     with pytest.raises(OSError, match="injected"):
         cx.extract(sets, store=str(tmp_path / "b.zarr"), model=tiny_model, preprocess=tiny_preprocess(),
                    client=local_client, batch_size=2, progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -71,8 +73,6 @@ def test_random_weights_are_seeded():
     assert models.weights_digest(models.make_spec("vgg16", weights=None, seed=4).build()) != digest
     # the digest stores record: sha256 over each weight's path, shape and dtype, then its bytes (a store made before
     # the digest was computed faster must still match its rerun)
-    import hashlib
-
     import keras
 
     plain = hashlib.sha256()

@@ -934,8 +934,8 @@ def _extract_locked(table: images.ImageTable, config: ExtractionConfig,
             _scheduler_loss_reported(client, url, options):
         table, skipped = _screen_images(client, table, config.on_error)
         attrs[SKIPPED_ATTR] = skipped
-        # the model is built on every worker while registering
-        # with the digest the store records: each worker checks that it built the same weights
+        # registering the plugin builds the model on every worker, each checking that it built the weights whose
+        # digest the store records
         plugin = ModelPlugin(config.spec, layers, config.dtype, config.reduction,
                              weights_sha256=attrs["weights_sha256"])
         registration: _Registration | None = None
