@@ -64,7 +64,7 @@ from .blocks import (
 from .collection import Collection, as_collection
 from .differentiation import analysis_memory, draw_groups, settings_attrs
 from .draws import DrawTable, UnitPlan, draw_table
-from .gram import GRAM_BLOCK_COLUMNS, ROW_CSS, ROW_MAX, ROW_MIN, ROW_SQUARES, ROW_SUM, Shift
+from .gram import GRAM_BLOCK_COLUMNS, ROW_CSS, ROW_MAX, ROW_MIN, ROW_SQUARES, ROW_SUM, Shift, upper_triangle
 from .graph import GraphBuilder, Key
 from .median import partition_median
 from .metrics import DistanceSpec, distance_spec
@@ -547,7 +547,7 @@ class _UnionGram:
         mean, sd, degenerate = check_rows(stats, self.m, self.spec, constant, layer=layer, group=group,
                                           names=names[rows])
         shift = self.spec.row_shift(stats, self.m, mean, self.centroid)
-        gram = self.gram[np.ix_(rows, rows)]
+        gram = self.gram[rows[:, None], rows]  # np.ix_'s selection, without its per-call checks
         e = self._offsets(rows, shift)
         if e is not None:
             t = self.sums[rows]
@@ -555,7 +555,7 @@ class _UnionGram:
         norms = np.diagonal(gram).copy()
         distances = self.spec.distances(gram, norms, norms, self.m, sd=sd, degenerate_a=degenerate,
                                         degenerate_b=degenerate)
-        values = distances[np.triu_indices(rows.size, 1)]
+        values = distances[upper_triangle(rows.size)]  # one cached index per group size: every relabelling reuses it
         return partition_median(values) if reduction == "median" else float(values.sum() / values.size)
 
 
