@@ -54,3 +54,22 @@ def tiny_store(tmp_path_factory, tiny_model, tiny_sets, local_client):
     cx.extract(tiny_sets, store=path, model=tiny_model, preprocess=tiny_preprocess(), client=local_client,
                batch_size=4, progress=False)
     return path
+
+
+#: Modules that take minutes (real VGG16 runs, the demo, the notebook, CLI subprocesses), slowest first: they run
+#: before the rest, so that under pytest-xdist (pyproject's addopts) none of them starts last and becomes the suite's
+#: tail while the other process has nothing left to do. Seconds from a serial run's --durations (2 cores, 2026-12).
+SLOW_MODULES = ("test_readme.py",  # 436 s
+                "test_cli.py",  # 333 s
+                "test_notebook_and_demo.py",  # ~200 s
+                "test_models.py",  # 105 s
+                "test_append.py",  # 69 s
+                "test_reduced_extraction.py",  # 64 s
+                "test_s3_faults.py",  # 61 s
+                "test_large_n.py",  # 49 s
+                "test_cluster_faults.py")  # 49 s
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its own order
