@@ -97,3 +97,37 @@ def test_readers_see_only_completed_images_while_another_process_appends(tmp_pat
     # the reader saw the store while set b was being added (the writer's 12 slow batches leave time for that)
     assert seen["reads"] > 0 and seen["b_refused"] + seen["b_done"] > 0, seen
     assert store.completed(path).all()
+
+
+def _root_is_consolidated(path: str) -> bool:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(path) / "zarr.json").read_text()).get("consolidated_metadata") is not None
+
+
+def test_an_append_never_leaves_the_store_without_what_readers_open_it_with(tmp_path, tiny_model, local_client,
+                                                                           monkeypatch):
+    """The test above found, by timing, a moment of an append when a reader's open failed ("Consolidated metadata
+    requested ... but not found"): the root's attributes were written without the consolidated metadata, which the
+    next consolidation put back. Here every moment between the append's writes is visited: just before each
+    consolidation the root still carries consolidated metadata, and a reader opens the store and sees set a whole."""
+    path = str(tmp_path / "acts.zarr")
+    sets = fault_sets()
+    kwargs = dict(store=path, model=tiny_model, preprocess=slow_preprocess, client=local_client,
+                  batch_size=BATCH_SIZE, progress=False)
+    cx.extract({"a": sets["a"]}, **kwargs)
+    n_a = cx.open_activations(path).sizes["image"]
+    moments: list[tuple[bool, int]] = []
+    consolidate = store._consolidate
+
+    def reader_looks_first(group):
+        tree = cx.open_activations(path)  # raised here before the fix
+        moments.append((_root_is_consolidated(path), int(tree["completed"].values.sum())))
+        consolidate(group)
+
+    monkeypatch.setattr(store, "_consolidate", reader_looks_first)
+    cx.extract(sets, **kwargs)
+    monkeypatch.undo()
+    assert len(moments) == 2 and moments == [(True, n_a), (True, n_a)], moments
+    assert cx.open_activations(path)["completed"].values.all()

@@ -867,11 +867,15 @@ def append_images(url: str, table: ImageTable, n_kept: int, *, skipped: Sequence
     n_new = len(table)
     if not 0 < n_kept <= n_new:
         raise ValueError(f"append_images: n_kept={n_kept} must be in 1..{n_new} (the table's length)")
+    options = dict(storage_options or {}) or None
     with _quiet_zarr():
-        group = zarr.open_group(url, mode="r+", storage_options=dict(storage_options or {}) or None,
-                                use_consolidated=False)
+        group = zarr.open_group(url, mode="r+", storage_options=options, use_consolidated=False)
+        # The root's attributes are written through a handle that holds the consolidated metadata, which zarr then
+        # writes back with them: through ``group`` the root document was written without it, and a reader opening
+        # the store before the next _consolidate failed ("Consolidated metadata requested ... but not found")
+        root = zarr.open_group(url, mode="r+", storage_options=options, use_consolidated=None)
     store_id = uuid.uuid4().hex
-    group.attrs.update({STORE_ID_ATTR: store_id, APPENDING_ATTR: n_kept})
+    root.attrs.update({STORE_ID_ATTR: store_id, APPENDING_ATTR: n_kept})
     _consolidate(group)
     values: dict[str, Sequence[str]] = {IMAGE_DIM: table.ids, SET_COORD: table.sets, SOURCE_COORD: table.sources}
     if table.digests is not None:
@@ -894,10 +898,10 @@ def append_images(url: str, table: ImageTable, n_kept: int, *, skipped: Sequence
             fill = fills[name]
             node[n_kept:] = np.full(n_new - n_kept, fill, dtype=object if isinstance(fill, str) else node.dtype)
         # anything else (activations, means) is data: the batches write it, and the completion record says when
-    attrs = {key: value for key, value in group.attrs.asdict().items() if key != APPENDING_ATTR}
+    attrs = {key: value for key, value in root.attrs.asdict().items() if key != APPENDING_ATTR}
     if skipped is not None:
         attrs[SKIPPED_ATTR] = [dict(record) for record in skipped]
-    group.attrs.put(attrs)
+    root.attrs.put(attrs)  # with the old shapes' consolidated metadata: readers still see the old store, whole
     _consolidate(group)
     return store_id
 
