@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from moto_s3 import moto_server
 from real_cluster import ProcessCluster
 from tiny import TINY_SIZE
 
@@ -123,12 +123,6 @@ def _assert_clean(proc: subprocess.CompletedProcess) -> None:
     assert not TF_NOISE.search(proc.stderr), proc.stderr[-4000:]  # TensorFlow stays quiet (issue 16, item 6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_jpegs(folder: Path, n: int, seed: int) -> list[Path]:
     from PIL import Image
     from skimage import data
@@ -151,17 +145,13 @@ def readme_world(tmp_path_factory):
     scheduler with two worker processes (in the environment of that server, working in the script's folder)."""
     import fsspec
     import s3fs
-    from moto.server import ThreadedMotoServer
 
     root = tmp_path_factory.mktemp("readme")
     _write_jpegs(root / "data" / "tabby_cats", N_CATS, seed=0)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    s3 = {"AWS_ACCESS_KEY_ID": "readme-key", "AWS_SECRET_ACCESS_KEY": "readme-secret", "AWS_DEFAULT_REGION":
-          "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_CONFIG_FILE": os.devnull}
     cluster = None
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        s3 = {"AWS_ACCESS_KEY_ID": "readme-key", "AWS_SECRET_ACCESS_KEY": "readme-secret", "AWS_DEFAULT_REGION":
+              "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": os.devnull}
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE"):
             mp.delenv(name, raising=False)
         for name, value in s3.items():
@@ -181,7 +171,6 @@ def readme_world(tmp_path_factory):
             if cluster is not None:
                 cluster.stop()
             s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
 
 
 def test_readme_python_blocks_run_as_one_script(readme_world):

@@ -9,13 +9,13 @@ spawned after the environment is set and so inherits it.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import xarray as xr
+from moto_s3 import moto_server
 from tiny import TINY_LAYERS, TINY_SIZE, tiny_preprocess, write_pngs
 
 import cnndiff_xr as cx
@@ -26,24 +26,14 @@ pytestmark = pytest.mark.timeout(300)
 BUCKET = "cnndiff-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_env():
     """A moto S3 server on loopback, and the environment that points s3fs (and child processes) at it."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "cnndiff-test-key", "AWS_SECRET_ACCESS_KEY": "cnndiff-test-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        env = {"AWS_ACCESS_KEY_ID": "cnndiff-test-key", "AWS_SECRET_ACCESS_KEY": "cnndiff-test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
             mp.delenv(name, raising=False)
         mp.setenv("AWS_CONFIG_FILE", os.devnull)  # no ~/.aws settings
@@ -55,7 +45,6 @@ def s3_env():
             yield env
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,13 @@ untouched; the default legacy mode's 5 attempts within s3fs's 5 tries take ~25 s
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 import xarray as xr
 from faults import assert_same_store
 from flaky_proxy import FlakyProxy
+from moto_s3 import moto_server
 from tiny import TINY_SIZE, tiny_preprocess
 
 import cnndiff_xr as cx
@@ -42,12 +42,6 @@ FEW_RETRIES = {"retries": {"mode": "standard", "max_attempts": 2}}
 DOWN_WITHIN_S = 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _options(endpoint: str, **extra) -> dict:
     """Explicit credentials and endpoint: the session's workers did not inherit this test's environment."""
     return {"key": KEY, "secret": SECRET, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"},
@@ -57,13 +51,8 @@ def _options(endpoint: str, **extra) -> dict:
 @pytest.fixture(scope="module")
 def moto_url():
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_server() as url, pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
             mp.delenv(name, raising=False)
         mp.setenv("AWS_CONFIG_FILE", os.devnull)  # no ~/.aws settings
@@ -75,7 +64,6 @@ def moto_url():
             yield url
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
 
 
 def _sets():
