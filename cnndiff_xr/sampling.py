@@ -15,6 +15,7 @@ Python version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,7 +32,7 @@ from .validation import (
     check_n_units,
 )
 
-__all__ = ["REGISTRABLE_UNIT_TYPES", "UnitDraws", "draw_units", "unit_seed"]
+__all__ = ["REGISTRABLE_UNIT_TYPES", "UnitDraws", "draw_units", "registered_units", "unit_seed"]
 
 #: The unit types a store can keep in advance: their units do not depend on the data. ("top" ranks units by their
 #: mean over the analysed images, so it needs every unit; "all" needs no registration: it is the full store.)
@@ -220,3 +221,14 @@ class UnitDraws:
         if extra_r:
             problems.append(f"resamples {extra_r}")
         return ", ".join(problems) if problems else None
+
+
+@functools.lru_cache(maxsize=256)
+def registered_units(draws: UnitDraws, layer: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """:meth:`UnitDraws.kept_units` of a layer as a store lays it out (per-image ``shape``, channels last): the units
+    a reduced store keeps, read-only. Cached: the layout, the workers' model build, the size preflight and every
+    analysis plan of the layer ask for the same units."""
+    kept = draws.kept_units(layer, shape, filter_axis=-1)
+    if kept is not None:
+        kept.setflags(write=False)
+    return kept

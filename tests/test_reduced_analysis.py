@@ -7,6 +7,10 @@ The reduced trees are made from full ones by ``analysis_fixtures.reduce_tree`` e
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import pickle
+
 import dask
 import dask.array as da
 import numpy as np
@@ -17,6 +21,7 @@ from analysis_fixtures import make_tree, raise_if_dask_computes, reduce_tree, sy
 import cnndiff_xr as cx
 from cnndiff_xr import schema
 from cnndiff_xr.analysis.collection import as_collection
+from cnndiff_xr.analysis.draws import RegisteredUnits, stored_units_of
 from cnndiff_xr.sampling import UnitDraws
 from cnndiff_xr.validation import ParameterValueError
 
@@ -238,6 +243,42 @@ def test_a_wrong_registration_is_caught_by_the_unit_check():
         lazy.compute()
     with pytest.raises(ValueError, match="not among"):
         cx.select_units(tampered, "block1_conv1", n_units=12, seed=5)
+
+
+def _arrays_in(graph) -> list[np.ndarray]:
+    """Every numpy array that pickling ``graph`` writes: what a distributed scheduler is sent."""
+    found: list[np.ndarray] = []
+
+    class Recorder(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, np.ndarray):
+                found.append(obj)
+            return NotImplemented
+
+    Recorder(io.BytesIO()).dump(dict(graph))
+    return found
+
+
+def test_the_graph_carries_the_stored_units_by_their_recipe_not_their_list():
+    # VGG16's stored indices at 10 x 10,000 units made a 13 MiB graph, which distributed warned about on every call
+    full = make_tree(sets={"a": 5, "b": 4}, layers={"block1_conv1": (32, 32, 16)}, seed=1)[0]
+    draws = UnitDraws(n_units=(500, 1000), resamples=4, seed=0)
+    reduced = reduce_tree(full, draws)
+    flat = reduced["block1_conv1"]["activation"]["flat_index"].values
+    assert flat.size > 5000  # eight draws of 500 or 1,000 of 16,384 units
+    lazy = cx.differentiation(reduced, [1000], resamples=2)  # a registered subset: its columns are looked up
+    indices = [a.size for a in _arrays_in(lazy.__dask_graph__()) if a.dtype.kind in "iu"]
+    assert max(indices) < 100, indices  # the images' rows travel, no list of units
+    assert_same(lazy.compute(), cx.differentiation(full, [1000], resamples=2).compute())
+
+
+def test_a_process_that_draws_other_units_fails_instead_of_gathering_other_columns():
+    _, reduced = trees()
+    recipe = stored_units_of(as_collection(reduced).layer("block1_conv1"))
+    assert isinstance(recipe, RegisteredUnits)
+    assert np.array_equal(recipe.flat_index(), reduced["block1_conv1"]["activation"]["flat_index"].values)
+    with pytest.raises(ValueError, match="'block1_conv1': the store's registered draws .* draws units differently"):
+        dataclasses.replace(recipe, sha256="0" * 64).flat_index()  # as a redraw with another result would
 
 
 def test_a_reduced_array_without_registration_checks_its_units():

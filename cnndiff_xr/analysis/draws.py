@@ -17,11 +17,13 @@ not over each set's own images, so per-draw ratios between sets (reference norma
 
 On a reduced layer (a store extracted with registered draws) the draws are computed exactly as on the full layer, from
 its logical shape; :func:`refuse_unheld` refuses those the store does not hold before any graph is built, and the
-plan maps the union to the stored columns (:attr:`UnitPlan.read`), so the gathered matrix is the full store's.
+plan maps the union to the stored columns (:attr:`UnitPlan.read`), so the gathered matrix is the full store's. A
+reduced layer's stored units travel to the plan's task by their recipe (:class:`RegisteredUnits`), not as a list.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +35,7 @@ from dask.base import tokenize
 from dask.graph_manipulation import clone
 
 from ..options import UNIT_TYPES, UnitType
-from ..sampling import draw_units, unit_seed
+from ..sampling import UnitDraws, draw_units, registered_units, unit_seed
 from ..schema import FILTER_DIM, IMAGE_DIM, SET_COORD
 from ..validation import ParameterValueError, check_choice, check_count, check_n_units
 from .collection import LayerData, as_collection, stored_columns
@@ -41,6 +43,7 @@ from .graph import GraphBuilder, Key, block_keys, sum_parts
 
 __all__ = [
     "DrawTable",
+    "RegisteredUnits",
     "UnitPlan",
     "draw_table",
     "draw_units",
@@ -53,6 +56,54 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- draw plans
+@dataclass(frozen=True)
+class RegisteredUnits:
+    """A reduced layer's stored units by their recipe: the union of the store's registered draws
+    (:meth:`~cnndiff_xr.sampling.UnitDraws.kept_units`), checked against the stored index (its size and sha256).
+
+    The plan's task redraws them (:meth:`flat_index`) where it runs. Listed, they would travel in the graph at 8 bytes
+    per stored unit: 13 MiB for VGG16's 22 layers at 10 x 10,000 units, shipped to the scheduler on every call, and
+    distributed warns "Sending large graph" (the CLI printed it on every reduced store). The client compares the
+    recipe with the stored index when it lists the draws (:func:`stored_units_of`); the task compares its redraw with
+    the digest, so a process that draws differently fails with a message instead of gathering other columns."""
+
+    draws: UnitDraws
+    layer: str
+    shape: tuple[int, ...]
+    size: int
+    sha256: str
+
+    def flat_index(self) -> np.ndarray:
+        """The stored units' sorted flat indices, redrawn in this process (cached; the extraction's layout made them
+        with the same :func:`~cnndiff_xr.sampling.registered_units`)."""
+        units = registered_units(self.draws, self.layer, self.shape)
+        if units is None or units.size != self.size or _sha256(units) != self.sha256:
+            raise ValueError(
+                f"layer {self.layer!r}: the store's registered draws ({self.draws.describe()}) drawn in this process "
+                f"do not give the {self.size} units the store keeps: this process draws units differently from the "
+                f"one that opened the store (numpy {np.__version__} here); run the analysis where both have the same "
+                "numpy and cnndiff_xr versions"
+            )
+        return units
+
+
+def _sha256(units: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(units, dtype=np.int64).view(np.uint8).data).hexdigest()
+
+
+def stored_units_of(layer: LayerData) -> np.ndarray | RegisteredUnits | None:
+    """What a plan needs of a layer's stored units: None for a whole layer, the recipe when the stored index is
+    exactly its registration's union (every store extracted with ``units=``), else the index itself."""
+    if layer.stored is None:
+        return None
+    flat = layer.stored.flat_index
+    if layer.draws is not None:
+        kept = registered_units(layer.draws, layer.name, layer.feature_shape)
+        if kept is not None and np.array_equal(kept, flat):
+            return RegisteredUnits(layer.draws, layer.name, layer.feature_shape, int(flat.size), _sha256(flat))
+    return flat
+
+
 @dataclass(frozen=True)
 class DrawTable:
     """The distinct draws of one layer for a grid of ``n_units`` x ``resamples``.
@@ -69,7 +120,9 @@ class DrawTable:
     keys: tuple[tuple[int, int], ...]  # a representative (n_units, resample) per distinct draw
     index: np.ndarray
     n_used: tuple[int, ...]  # units actually used per requested n_units
-    stored: np.ndarray | None = None  # a reduced layer's stored units (flat indices); None for a whole layer
+    #: a reduced layer's stored units (:func:`stored_units_of`: their recipe, or their flat indices); None for a whole
+    #: layer
+    stored: np.ndarray | RegisteredUnits | None = None
 
     @property
     def size(self) -> int:
@@ -131,7 +184,7 @@ def draw_table(
             index[i, j] = keys[key]
     n_used = tuple(size if unit_type == "all" else min(n, size) for n in n_units)
     table = DrawTable(layer.name, layer.feature_shape, unit_type, seed, filter_axis, tuple(reps), index, n_used,
-                      layer.flat_index)
+                      stored_units_of(layer))
     if layer.reduced and layer.draws is None:  # no registration to compare with: check the units themselves now
         make_plan(table)
     return table
@@ -244,7 +297,8 @@ def make_plan(table: DrawTable, means: np.ndarray | None = None) -> UnitPlan:
     for u in units:
         chosen[u] = True
     union = np.flatnonzero(chosen)
-    read = union if table.stored is None else stored_columns(table.stored, union, table.layer)
+    stored = table.stored.flat_index() if isinstance(table.stored, RegisteredUnits) else table.stored
+    read = union if stored is None else stored_columns(stored, union, table.layer)
     where = np.empty(table.size, dtype=np.int64)  # only the union's entries are ever read
     where[union] = np.arange(union.size)
     columns = tuple(slice(0, union.size) if u.size == union.size else where[u] for u in units)

@@ -25,13 +25,12 @@ avoids.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..sampling import UnitDraws
+from ..sampling import UnitDraws, registered_units
 
 __all__ = ["BatchOutput", "LayerMeans", "Reduction", "combine_means", "reduce_numpy"]
 
@@ -65,16 +64,7 @@ class Reduction:
             # with filter means, a dense layer is kept whole: its filter means are its activations, and storing them
             # beside its kept units would take more room (4 bytes per unit) than the whole layer in the store's dtype
             return None
-        return _kept_units(self.units, layer, tuple(int(s) for s in shape))
-
-
-@functools.lru_cache(maxsize=256)
-def _kept_units(units: UnitDraws, layer: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    # cached: the layout, the worker's model build and the size preflight all ask for the same layers
-    kept = units.kept_units(layer, shape, filter_axis=-1)
-    if kept is not None:
-        kept.setflags(write=False)
-    return kept
+        return registered_units(self.units, layer, tuple(int(s) for s in shape))
 
 
 @dataclasses.dataclass(frozen=True)
