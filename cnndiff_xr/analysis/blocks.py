@@ -17,7 +17,7 @@ in one row block). Which distance, and so which shift and conversion, is the gro
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -135,6 +135,50 @@ class GroupStats:
     def shift(self, d: int, rows: slice | np.ndarray) -> Shift:
         """The shift of draw ``d``'s rows ``rows`` (a range, or the positions of some rows)."""
         return self.spec.row_shift(self.stats[d][:, rows], int(self.m[d]), float(self.mean[d]), self.centroid[d])
+
+
+@dataclass(frozen=True, eq=False)
+class RowLayout:
+    """Where the rows of a call's groups lie in a layer's image chunks (``bounds``): the rows read, each chunk's, and
+    each row block's positions in its chunks. Made once per call for every layer chunked alike
+    (:meth:`~cnndiff_xr.analysis.collection.Collection.shared`): the tasks of all layers then hold the same arrays,
+    which the graph pickles once, instead of a copy per layer that grew with images x layers."""
+
+    bounds: np.ndarray  # first row of every chunk, and the row count
+    selected: np.ndarray  # every group's rows together, sorted
+    block_of: np.ndarray  # the chunk of each selected row
+    chunk_rows: dict[int, np.ndarray]  # chunk -> the global rows read from it
+    local_rows: dict[int, np.ndarray]  # chunk -> those rows within the chunk
+    position: np.ndarray  # global row -> its position among its chunk's rows read (-1: not read)
+    _sources: dict[tuple[int, int, int], tuple[tuple[int, ...], tuple[np.ndarray, ...]]] = field(
+        default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, bounds: np.ndarray, groups: Mapping[str, np.ndarray]) -> RowLayout:
+        selected = np.unique(np.concatenate(list(groups.values())))
+        block_of = np.searchsorted(bounds, selected, side="right") - 1
+        chunk_rows = {int(k): selected[block_of == k] for k in np.unique(block_of)}
+        position = np.full(bounds[-1], -1, dtype=np.int64)
+        for rows in chunk_rows.values():
+            position[rows] = np.arange(rows.size)
+        local_rows = {k: rows - bounds[k] for k, rows in chunk_rows.items()}
+        return cls(bounds, selected, block_of, chunk_rows, local_rows, position)
+
+    def source(self, g: int, rows: np.ndarray, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[np.ndarray, ...]]:
+        """The chunks holding ``rows[lo:hi]`` (group ``g``'s rows) and those rows' positions in each (cached)."""
+        key = (g, lo, hi)
+        if key not in self._sources:
+            part_rows = rows[lo:hi]
+            ks = self.block_of[np.searchsorted(self.selected, part_rows)]
+            order = np.unique(ks)
+            self._sources[key] = (tuple(int(k) for k in order), tuple(self.position[part_rows[ks == k]] for k in order))
+        return self._sources[key]
+
+
+def row_layout(coll: Collection, bounds: np.ndarray, groups: Mapping[str, np.ndarray]) -> RowLayout:
+    """The :class:`RowLayout` of ``groups`` in chunks ``bounds``, one per call (shared by the collection)."""
+    key = ("row-layout", bounds.tobytes(), tuple((name, rows.tobytes()) for name, rows in groups.items()))
+    return coll.shared(key, lambda: RowLayout.of(bounds, groups))
 
 
 @dataclass(frozen=True)
@@ -482,13 +526,8 @@ def build_groups(
     the units of all draws (all ``n_units`` values and resamples) for all groups. Returns
     one :class:`GroupBlocks` per group.
     """
-    selected = np.unique(np.concatenate(list(groups.values())))
-    bounds = layer.block_bounds()
-    block_of = np.searchsorted(bounds, selected, side="right") - 1
-    chunk_rows = {int(k): selected[block_of == k] for k in np.unique(block_of)}  # global rows read from chunk k
-    position = np.full(bounds[-1], -1, dtype=np.int64)
-    for rows in chunk_rows.values():
-        position[rows] = np.arange(rows.size)
+    layout = row_layout(coll, layer.block_bounds(), groups)
+    selected = layout.selected
     check = completed_check(coll, selected)
     plan: Key
     if table.needs_unit_means():
@@ -498,9 +537,9 @@ def build_groups(
         graph.depend(layer.data)
         chunk_keys = block_keys(layer.data)
         gathered = {
-            k: graph.add("gather", (*index, k), _gather, chunk_keys[k], rows - bounds[k], plan,
+            k: graph.add("gather", (*index, k), _gather, chunk_keys[k], local, plan,
                          None if check is None else check.key)
-            for k, rows in chunk_rows.items()
+            for k, local in layout.local_rows.items()
         }
     else:
         # The plan needs no data: gather as an array operation on the layer, which dask fuses with
@@ -515,21 +554,18 @@ def build_groups(
         graph.depend(plan_delayed)
         plan = plan_delayed.key
         keys = block_keys(gathered_array)
-        gathered = {k: keys[k] for k in chunk_rows}
+        gathered = {k: keys[k] for k in layout.chunk_rows}
 
     size = block_size or auto_block_size(table.width, layer.data.dtype.itemsize)  # a row block: one group's draws
     out = []
     for g, (name, rows) in enumerate(groups.items()):
-        task = GroupTask(spec=spec, constant=constant, layer=layer.name, name=name, samples=coll.samples[rows],
+        task = GroupTask(spec=spec, constant=constant, layer=layer.name, name=name, samples=coll.labels(rows),
                          plan_group=0, n_draws=table.n_draws)
         row_ranges = tuple((lo, min(lo + size, rows.size)) for lo in range(0, rows.size, size))
         sources, blocks, parts = [], [], []
         for b, (lo, hi) in enumerate(row_ranges):
-            part_rows = rows[lo:hi]
-            ks = block_of[np.searchsorted(selected, part_rows)]
-            order = np.unique(ks)
-            source = RowBlockSource(tuple(gathered[int(k)] for k in order),
-                                    tuple(position[part_rows[ks == k]] for k in order))
+            chunks, positions = layout.source(g, rows, lo, hi)
+            source = RowBlockSource(tuple(gathered[k] for k in chunks), positions)
             sources.append(source)
             blocks.append(graph.add("row-block", (*index, g, b), _row_block, list(source.chunks),
                                     list(source.positions), plan, task.plan_group))

@@ -15,9 +15,9 @@ when extracted with filter means, the layer's means subgroup.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import dask
 import dask.array as da
@@ -57,6 +57,8 @@ __all__ = [
 ALL_SAMPLES = "all"
 #: target size of a chunk along the samples when in-memory data are chunked for the analysis
 _SAMPLE_CHUNK_BYTES = 64 * 2**20
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,6 +168,22 @@ class Collection:
     set_labels: np.ndarray  # str, the set of every sample
     layers: dict[str, LayerData]
     completed: np.ndarray | da.Array | None  # bool along the samples: finished in the store (None: no record)
+    _shared: dict[Hashable, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def shared(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, made once per ``key`` for this collection, so that the tasks of every layer of a graph built
+        from it hold one object where they need equal ones (the sets' rows and labels) and the graph pickles it once.
+        Copies per layer were most of a 5,000-image differentiation's graph (the labels and row indices of every set,
+        once per layer: 15-20 MiB for VGG16's 22 layers), growing with images x layers; distributed warns of a graph
+        over 10 MiB and the scheduler holds it."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        value: T = self._shared[key]
+        return value
+
+    def labels(self, rows: np.ndarray) -> np.ndarray:
+        """``samples[rows]`` (for messages), one array per distinct ``rows`` (:meth:`shared`)."""
+        return self.shared(("labels", np.asarray(rows, np.int64).tobytes()), lambda: self.samples[rows])
 
     @property
     def set_names(self) -> list[str]:
