@@ -3,6 +3,8 @@ counters and a plain numpy/scipy reference implementation of the seed's measure.
 
 from __future__ import annotations
 
+import io
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -284,6 +286,21 @@ def unit_indices(tree: Any, layer: str, n_units: int, unit_type: str = "random",
     held, units = _UNITS[key]
     assert held is tree
     return units
+
+
+def arrays_in_graph(collection: Any) -> list[np.ndarray]:
+    """The distinct numpy arrays that pickling ``collection``'s graph writes: what a distributed scheduler is sent
+    (distributed pickles a graph at once, so an array held by many tasks is written once)."""
+    found: dict[int, np.ndarray] = {}
+
+    class Recorder(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, np.ndarray):
+                found.setdefault(id(obj), obj)
+            return NotImplemented
+
+    Recorder(io.BytesIO()).dump(dict(collection.__dask_graph__()))
+    return list(found.values())
 
 
 def graph_dependents(collection: Any, prefix: str) -> set:

@@ -454,7 +454,7 @@ def test_half_to_float_shifts_finite_non_negative_values_without_the_table(monke
     # every finite non-negative float16 (zero, subnormals, normals up to 65504), in rows and flat
     finite = np.arange(0x7C00, dtype=np.uint16).view(np.float16)
     monkeypatch.setattr(float16, "_HALF_TO_FLOAT", np.zeros(2**16, np.float32))  # a lookup would give 0
-    for piece in (float16._SHIFT_PIECE, 1000):  # in one piece, and in many (a row at a time for the 2-d ones)
+    for piece in (float16._SHIFT_PIECE, 1000):  # in one piece, and in many (a few rows at a time for the 2-d ones)
         monkeypatch.setattr(float16, "_SHIFT_PIECE", piece)
         for x in (finite, finite.reshape(31, 1024), finite.reshape(31, 1024)[::2, 3::5]):
             got = float16.half_to_float(x)

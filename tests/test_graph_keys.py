@@ -15,8 +15,6 @@ tasks silently gives one analysis the other's numbers). So, for every public ana
 
 from __future__ import annotations
 
-import io
-import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +23,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from analysis_fixtures import make_recording, make_tree, synchronous
+from analysis_fixtures import arrays_in_graph, make_recording, make_tree, synchronous
 from dask.base import tokenize
 from dask.core import flatten
 
@@ -306,21 +304,9 @@ def test_a_lazy_completion_record_enters_the_keys(name):
 
 # --------------------------------------------------------------------------- what a graph carries
 def _bytes_of_image_sized_indices(lazy: Any, n: int) -> int:
-    """Bytes of the distinct integer and label arrays of at least ``n`` elements that pickling ``lazy``'s graph
-    writes (what a distributed scheduler is sent); the data chunks (float) are not counted."""
-    seen: set[int] = set()
-    total = 0
-
-    class Recorder(pickle.Pickler):
-        def reducer_override(self, obj):
-            nonlocal total
-            if isinstance(obj, np.ndarray) and obj.dtype.kind in "iuU" and obj.size >= n and id(obj) not in seen:
-                seen.add(id(obj))
-                total += obj.nbytes
-            return NotImplemented
-
-    Recorder(io.BytesIO()).dump(dict(lazy.__dask_graph__()))
-    return total
+    """Bytes of the integer and label arrays of at least ``n`` elements in ``lazy``'s graph (the data chunks, float,
+    not counted)."""
+    return sum(a.nbytes for a in arrays_in_graph(lazy) if a.dtype.kind in "iuU" and a.size >= n)
 
 
 def test_a_graph_holds_the_sets_rows_and_labels_once_not_once_per_layer():

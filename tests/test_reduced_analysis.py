@@ -8,15 +8,13 @@ The reduced trees are made from full ones by ``analysis_fixtures.reduce_tree`` e
 from __future__ import annotations
 
 import dataclasses
-import io
-import pickle
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 import xarray as xr
-from analysis_fixtures import make_tree, raise_if_dask_computes, reduce_tree, synchronous
+from analysis_fixtures import arrays_in_graph, make_tree, raise_if_dask_computes, reduce_tree, synchronous
 
 import cnndiff_xr as cx
 from cnndiff_xr import schema
@@ -245,20 +243,6 @@ def test_a_wrong_registration_is_caught_by_the_unit_check():
         cx.select_units(tampered, "block1_conv1", n_units=12, seed=5)
 
 
-def _arrays_in(graph) -> list[np.ndarray]:
-    """Every numpy array that pickling ``graph`` writes: what a distributed scheduler is sent."""
-    found: list[np.ndarray] = []
-
-    class Recorder(pickle.Pickler):
-        def reducer_override(self, obj):
-            if isinstance(obj, np.ndarray):
-                found.append(obj)
-            return NotImplemented
-
-    Recorder(io.BytesIO()).dump(dict(graph))
-    return found
-
-
 def test_the_graph_carries_the_stored_units_by_their_recipe_not_their_list():
     # VGG16's stored indices at 10 x 10,000 units made a 13 MiB graph, which distributed warned about on every call
     full = make_tree(sets={"a": 5, "b": 4}, layers={"block1_conv1": (32, 32, 16)}, seed=1)[0]
@@ -267,7 +251,7 @@ def test_the_graph_carries_the_stored_units_by_their_recipe_not_their_list():
     flat = reduced["block1_conv1"]["activation"]["flat_index"].values
     assert flat.size > 5000  # eight draws of 500 or 1,000 of 16,384 units
     lazy = cx.differentiation(reduced, [1000], resamples=2)  # a registered subset: its columns are looked up
-    indices = [a.size for a in _arrays_in(lazy.__dask_graph__()) if a.dtype.kind in "iu"]
+    indices = [a.size for a in arrays_in_graph(lazy) if a.dtype.kind in "iu"]
     assert max(indices) < 100, indices  # the images' rows travel, no list of units
     assert_same(lazy.compute(), cx.differentiation(full, [1000], resamples=2).compute())
 

@@ -139,46 +139,57 @@ class GroupStats:
 
 @dataclass(frozen=True, eq=False)
 class RowLayout:
-    """Where the rows of a call's groups lie in a layer's image chunks (``bounds``): the rows read, each chunk's, and
-    each row block's positions in its chunks. Made once per call for every layer chunked alike
-    (:meth:`~cnndiff_xr.analysis.collection.Collection.shared`): the tasks of all layers then hold the same arrays,
-    which the graph pickles once, instead of a copy per layer that grew with images x layers."""
+    """Where the rows of a call's groups lie in a layer's image chunks: the rows read, each chunk's, and each row
+    block's positions in its chunks. Made once per call for every layer chunked alike (:func:`row_layout`): the tasks
+    of all layers then hold the same arrays, which the graph pickles once, instead of a copy per layer that grew with
+    images x layers. Every array is read-only, since every layer's tasks share it."""
 
-    bounds: np.ndarray  # first row of every chunk, and the row count
+    groups: tuple[np.ndarray, ...]  # each group's rows, in the call's order of groups
     selected: np.ndarray  # every group's rows together, sorted
     block_of: np.ndarray  # the chunk of each selected row
     chunk_rows: dict[int, np.ndarray]  # chunk -> the global rows read from it
     local_rows: dict[int, np.ndarray]  # chunk -> those rows within the chunk
     position: np.ndarray  # global row -> its position among its chunk's rows read (-1: not read)
     _sources: dict[tuple[int, int, int], tuple[tuple[int, ...], tuple[np.ndarray, ...]]] = field(
-        default_factory=dict, repr=False)
+        default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def of(cls, bounds: np.ndarray, groups: Mapping[str, np.ndarray]) -> RowLayout:
-        selected = np.unique(np.concatenate(list(groups.values())))
+    def of(cls, bounds: np.ndarray, groups: Sequence[np.ndarray]) -> RowLayout:
+        selected = np.unique(np.concatenate(list(groups)))
         block_of = np.searchsorted(bounds, selected, side="right") - 1
         chunk_rows = {int(k): selected[block_of == k] for k in np.unique(block_of)}
         position = np.full(bounds[-1], -1, dtype=np.int64)
         for rows in chunk_rows.values():
             position[rows] = np.arange(rows.size)
         local_rows = {k: rows - bounds[k] for k, rows in chunk_rows.items()}
-        return cls(bounds, selected, block_of, chunk_rows, local_rows, position)
+        _read_only(selected, block_of, position, *chunk_rows.values(), *local_rows.values())
+        return cls(tuple(groups), selected, block_of, chunk_rows, local_rows, position)
 
-    def source(self, g: int, rows: np.ndarray, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[np.ndarray, ...]]:
-        """The chunks holding ``rows[lo:hi]`` (group ``g``'s rows) and those rows' positions in each (cached)."""
+    def source(self, g: int, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[np.ndarray, ...]]:
+        """The chunks holding rows ``lo:hi`` of group ``g`` and those rows' positions in each (cached)."""
         key = (g, lo, hi)
         if key not in self._sources:
-            part_rows = rows[lo:hi]
+            part_rows = self.groups[g][lo:hi]
             ks = self.block_of[np.searchsorted(self.selected, part_rows)]
             order = np.unique(ks)
-            self._sources[key] = (tuple(int(k) for k in order), tuple(self.position[part_rows[ks == k]] for k in order))
+            positions = tuple(self.position[part_rows[ks == k]] for k in order)
+            _read_only(*positions)
+            self._sources[key] = (tuple(int(k) for k in order), positions)
         return self._sources[key]
 
 
+def _read_only(*arrays: np.ndarray) -> None:
+    for a in arrays:
+        a.setflags(write=False)
+
+
 def row_layout(coll: Collection, bounds: np.ndarray, groups: Mapping[str, np.ndarray]) -> RowLayout:
-    """The :class:`RowLayout` of ``groups`` in chunks ``bounds``, one per call (shared by the collection)."""
-    key = ("row-layout", bounds.tobytes(), tuple((name, rows.tobytes()) for name, rows in groups.items()))
-    return coll.shared(key, lambda: RowLayout.of(bounds, groups))
+    """The :class:`RowLayout` of ``groups`` (set name -> rows) in chunks starting at ``bounds``, one per call: made
+    once by the collection (:meth:`~cnndiff_xr.analysis.collection.Collection.shared`) for every layer chunked alike.
+    """
+    key = ("row-layout", np.asarray(bounds, np.int64).tobytes(),
+           tuple((name, np.asarray(rows, np.int64).tobytes()) for name, rows in groups.items()))
+    return coll.shared(key, lambda: RowLayout.of(bounds, list(groups.values())))
 
 
 @dataclass(frozen=True)
@@ -564,7 +575,7 @@ def build_groups(
         row_ranges = tuple((lo, min(lo + size, rows.size)) for lo in range(0, rows.size, size))
         sources, blocks, parts = [], [], []
         for b, (lo, hi) in enumerate(row_ranges):
-            chunks, positions = layout.source(g, rows, lo, hi)
+            chunks, positions = layout.source(g, lo, hi)
             source = RowBlockSource(tuple(gathered[k] for k in chunks), positions)
             sources.append(source)
             blocks.append(graph.add("row-block", (*index, g, b), _row_block, list(source.chunks),

@@ -183,7 +183,12 @@ class Collection:
 
     def labels(self, rows: np.ndarray) -> np.ndarray:
         """``samples[rows]`` (for messages), one array per distinct ``rows`` (:meth:`shared`)."""
-        return self.shared(("labels", np.asarray(rows, np.int64).tobytes()), lambda: self.samples[rows])
+        def make() -> np.ndarray:
+            labels = self.samples[rows]
+            labels.setflags(write=False)  # every layer's tasks hold it
+            return labels
+
+        return self.shared(("labels", np.asarray(rows, np.int64).tobytes()), make)
 
     @property
     def set_names(self) -> list[str]:

@@ -51,6 +51,7 @@ __all__ = [
     "plan_for",
     "refuse_unheld",
     "select_units",
+    "stored_units_of",
     "unit_seed",
 ]
 
@@ -62,7 +63,7 @@ class RegisteredUnits:
     (:meth:`~cnndiff_xr.sampling.UnitDraws.kept_units`), checked against the stored index (its size and sha256).
 
     The plan's task redraws them (:meth:`flat_index`) where it runs. Listed, they would travel in the graph at 8 bytes
-    per stored unit: 13 MiB for VGG16's 22 layers at 10 x 10,000 units, shipped to the scheduler on every call, and
+    per stored unit: 12 MiB for VGG16's 22 layers at 10 x 10,000 units, shipped to the scheduler on every call, and
     distributed warns "Sending large graph" (the CLI printed it on every reduced store). The client compares the
     recipe with the stored index when it lists the draws (:func:`stored_units_of`); the task compares its redraw with
     the digest, so a process that draws differently fails with a message instead of gathering other columns."""
@@ -72,17 +73,19 @@ class RegisteredUnits:
     shape: tuple[int, ...]
     size: int
     sha256: str
+    numpy_version: str  # where the recipe was checked against the stored index, for the message
 
     def flat_index(self) -> np.ndarray:
         """The stored units' sorted flat indices, redrawn in this process (cached; the extraction's layout made them
         with the same :func:`~cnndiff_xr.sampling.registered_units`)."""
         units = registered_units(self.draws, self.layer, self.shape)
         if units is None or units.size != self.size or _sha256(units) != self.sha256:
+            drawn = "the whole layer" if units is None else f"{units.size} other units"
             raise ValueError(
                 f"layer {self.layer!r}: the store's registered draws ({self.draws.describe()}) drawn in this process "
-                f"do not give the {self.size} units the store keeps: this process draws units differently from the "
-                f"one that opened the store (numpy {np.__version__} here); run the analysis where both have the same "
-                "numpy and cnndiff_xr versions"
+                f"give {drawn}, not the {self.size} units the store keeps: this process (numpy {np.__version__}) "
+                f"draws units differently from the one that opened the store (numpy {self.numpy_version}); run the "
+                "analysis where both have the same numpy and cnndiff_xr versions"
             )
         return units
 
@@ -100,7 +103,8 @@ def stored_units_of(layer: LayerData) -> np.ndarray | RegisteredUnits | None:
     if layer.draws is not None:
         kept = registered_units(layer.draws, layer.name, layer.feature_shape)
         if kept is not None and np.array_equal(kept, flat):
-            return RegisteredUnits(layer.draws, layer.name, layer.feature_shape, int(flat.size), _sha256(flat))
+            return RegisteredUnits(layer.draws, layer.name, layer.feature_shape, int(flat.size), _sha256(flat),
+                                   np.__version__)
     return flat
 
 

@@ -13,8 +13,9 @@ __all__ = ["half_to_float"]
 #: every float16 bit pattern's float32 value (256 KiB), for :func:`half_to_float`
 _HALF_TO_FLOAT = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
 _HALF_PIECE = 2**15  # values converted at a time by :func:`half_to_float`'s table lookup (cache-sized)
-#: values converted at a time by the shift: it makes no index temporary, so pieces only bound Python's per-call cost (a
-#: Gram product's column block of 174 rows x 1,024 units took six calls instead of one: ~3 % of a differentiation)
+#: values converted at a time by the shift: it makes no index temporary, so larger pieces only save Python's per-call
+#: cost (a Gram product's column block of 174 rows x 1,024 units: one call instead of six), while a piece still fits
+#: the cache between its two passes (shift, multiply)
 _SHIFT_PIECE = 2**18
 _HALF_INF_BITS = 0x7C00  # float16 +inf: bit patterns from here up are inf, NaN or negative
 _HALF_TO_FLOAT_SCALE = np.float32(2.0**112)  # 2**(127 - 15): float16's exponent bias to float32's
