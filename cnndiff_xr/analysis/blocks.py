@@ -147,8 +147,7 @@ class RowLayout:
     groups: tuple[np.ndarray, ...]  # each group's rows, in the call's order of groups
     selected: np.ndarray  # every group's rows together, sorted
     block_of: np.ndarray  # the chunk of each selected row
-    chunk_rows: dict[int, np.ndarray]  # chunk -> the global rows read from it
-    local_rows: dict[int, np.ndarray]  # chunk -> those rows within the chunk
+    local_rows: dict[int, np.ndarray]  # chunk read -> the selected rows within it (chunks without any left out)
     position: np.ndarray  # global row -> its position among its chunk's rows read (-1: not read)
     _sources: dict[tuple[int, int, int], tuple[tuple[int, ...], tuple[np.ndarray, ...]]] = field(
         default_factory=dict, init=False, repr=False)
@@ -162,8 +161,8 @@ class RowLayout:
         for rows in chunk_rows.values():
             position[rows] = np.arange(rows.size)
         local_rows = {k: rows - bounds[k] for k, rows in chunk_rows.items()}
-        _read_only(selected, block_of, position, *chunk_rows.values(), *local_rows.values())
-        return cls(tuple(groups), selected, block_of, chunk_rows, local_rows, position)
+        _read_only(selected, block_of, position, *local_rows.values())
+        return cls(tuple(groups), selected, block_of, local_rows, position)
 
     def source(self, g: int, lo: int, hi: int) -> tuple[tuple[int, ...], tuple[np.ndarray, ...]]:
         """The chunks holding rows ``lo:hi`` of group ``g`` and those rows' positions in each (cached)."""
@@ -565,7 +564,7 @@ def build_groups(
         graph.depend(plan_delayed)
         plan = plan_delayed.key
         keys = block_keys(gathered_array)
-        gathered = {k: keys[k] for k in layout.chunk_rows}
+        gathered = {k: keys[k] for k in layout.local_rows}
 
     size = block_size or auto_block_size(table.width, layer.data.dtype.itemsize)  # a row block: one group's draws
     out = []
